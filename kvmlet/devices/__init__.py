@@ -1,0 +1,1 @@
+"""Devices: the PIO/MMIO bus and everything that sits on it."""

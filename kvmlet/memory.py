@@ -1,0 +1,213 @@
+"""Guest memory: memfd-backed regions and the one bounds-checked way to reach them.
+
+Every read or write by guest-physical address (GPA) in kvmlet goes through :class:`GuestMemory`.
+A range that is not wholly inside one region raises :class:`GuestMemoryError`; nothing outside the
+guest's memory can be reached through it, whatever address a guest or an image supplies.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import mmap
+import os
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+PAGE_SIZE = 4096
+MiB = 1 << 20
+GiB = 1 << 30
+
+# Guest-physical layout of RAM on x86: RAM below the 32-bit MMIO hole, the rest above 4 GiB.
+MMIO_HOLE_START = 0xC000_0000
+MMIO_HOLE_END = 1 << 32
+
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+class GuestMemoryError(ValueError):
+    """A guest-physical range that is not inside the guest's memory."""
+
+
+@dataclass
+class MemoryRegion:
+    """One contiguous range of guest RAM, backed by (part of) a memfd mapping."""
+
+    gpa: int
+    size: int
+    mapping: mmap.mmap
+    fd: int
+    fd_offset: int
+    slot: int
+    view: memoryview = field(repr=False)
+    host_address: int = 0
+
+    @property
+    def end(self) -> int:
+        """First GPA after the region."""
+        return self.gpa + self.size
+
+    def contains(self, gpa: int, length: int = 1) -> bool:
+        return self.gpa <= gpa and gpa + length <= self.end
+
+
+def ram_layout(size: int) -> list[tuple[int, int]]:
+    """Split ``size`` bytes of RAM into (gpa, size) ranges around the 32-bit MMIO hole."""
+    if size <= 0:
+        raise GuestMemoryError("memory size must be positive")
+    if size % PAGE_SIZE:
+        raise GuestMemoryError(f"memory size {size} is not a multiple of {PAGE_SIZE} bytes")
+    if size <= MMIO_HOLE_START:
+        return [(0, size)]
+    return [(0, MMIO_HOLE_START), (MMIO_HOLE_END, size - MMIO_HOLE_START)]
+
+
+def _host_address(mapping: mmap.mmap) -> int:
+    buf = (ctypes.c_char * 1).from_buffer(mapping)
+    address = ctypes.addressof(buf)
+    del buf
+    return address
+
+
+class GuestMemory:
+    """Guest RAM: memfd-backed regions with bounds-checked access by guest-physical address."""
+
+    def __init__(self, ranges: Sequence[tuple[int, int]], *, name: str = "kvmlet-guest",
+                 hugepages: bool = True) -> None:
+        total = sum(size for _, size in ranges)
+        if total <= 0:
+            raise GuestMemoryError("guest memory size must be positive")
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        self.regions: list[MemoryRegion] = []
+        self.hugepages = False
+        try:
+            os.ftruncate(self.fd, total)
+            offset = 0
+            for slot, (gpa, size) in enumerate(sorted(ranges)):
+                if gpa % PAGE_SIZE or size % PAGE_SIZE:
+                    raise GuestMemoryError(f"region {gpa:#x}+{size:#x} is not page aligned")
+                if self.regions and gpa < self.regions[-1].end:
+                    raise GuestMemoryError(f"region {gpa:#x}+{size:#x} overlaps another")
+                mapping = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED,
+                                    prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+                if hugepages and hasattr(mmap, "MADV_HUGEPAGE"):
+                    try:
+                        mapping.madvise(mmap.MADV_HUGEPAGE)
+                        self.hugepages = True
+                    except OSError:
+                        pass
+                region = MemoryRegion(gpa=gpa, size=size, mapping=mapping, fd=self.fd,
+                                      fd_offset=offset, slot=slot, view=memoryview(mapping),
+                                      host_address=_host_address(mapping))
+                self.regions.append(region)
+                offset += size
+        except BaseException:
+            self.close()
+            raise
+        self._starts = [r.gpa for r in self.regions]
+        self.size = total
+
+    @classmethod
+    def with_size(cls, size: int, **kwargs: object) -> GuestMemory:
+        """RAM of ``size`` bytes laid out around the 32-bit MMIO hole."""
+        return cls(ram_layout(size), **kwargs)  # type: ignore[arg-type]
+
+    # -- lookup -------------------------------------------------------------------------------------
+    def region_of(self, gpa: int, length: int = 1) -> MemoryRegion:
+        """The region that holds all of ``[gpa, gpa+length)``, or GuestMemoryError."""
+        if length < 0 or gpa < 0:
+            raise GuestMemoryError(f"invalid guest range {gpa:#x}+{length:#x}")
+        index = bisect.bisect_right(self._starts, gpa) - 1
+        if index >= 0:
+            region = self.regions[index]
+            if gpa + length <= region.end:
+                return region
+        raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is outside guest memory")
+
+    def contains(self, gpa: int, length: int = 1) -> bool:
+        try:
+            self.region_of(gpa, length)
+        except GuestMemoryError:
+            return False
+        return True
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A writable memoryview of ``[gpa, gpa+length)``; the range must lie in one region."""
+        region = self.region_of(gpa, length)
+        start = gpa - region.gpa
+        return region.view[start:start + length]
+
+    # -- access -------------------------------------------------------------------------------------
+    def read(self, gpa: int, length: int) -> bytes:
+        return bytes(self.view(gpa, length))
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        self.view(gpa, len(data))[:] = data
+
+    def fill(self, gpa: int, length: int, byte: int = 0) -> None:
+        view = self.view(gpa, length)
+        if byte == 0 and length >= PAGE_SIZE:
+            ctypes.memset(self.host_address(gpa), 0, length)
+        else:
+            view[:] = bytes([byte]) * length
+
+    def read_u16(self, gpa: int) -> int:
+        return int(_U16.unpack(self.view(gpa, 2))[0])
+
+    def read_u32(self, gpa: int) -> int:
+        return int(_U32.unpack(self.view(gpa, 4))[0])
+
+    def read_u64(self, gpa: int) -> int:
+        return int(_U64.unpack(self.view(gpa, 8))[0])
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        _U16.pack_into(self.view(gpa, 2), 0, value)
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        _U32.pack_into(self.view(gpa, 4), 0, value)
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        _U64.pack_into(self.view(gpa, 8), 0, value)
+
+    def read_cstring(self, gpa: int, max_length: int) -> bytes:
+        """Bytes at ``gpa`` up to a NUL (exclusive), at most ``max_length``, clipped to the region."""
+        region = self.region_of(gpa)
+        length = min(max_length, region.end - gpa)
+        data = bytes(self.view(gpa, length))
+        nul = data.find(b"\0")
+        return data if nul < 0 else data[:nul]
+
+    def host_address(self, gpa: int) -> int:
+        """The host virtual address of ``gpa`` (for the KVM boundary only)."""
+        region = self.region_of(gpa)
+        return region.host_address + (gpa - region.gpa)
+
+    def ram_ranges(self) -> Iterator[tuple[int, int]]:
+        for region in self.regions:
+            yield region.gpa, region.size
+
+    @property
+    def end(self) -> int:
+        """First GPA after the highest region."""
+        return self.regions[-1].end if self.regions else 0
+
+    # -- lifetime -----------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Unmap every region and close the memfd. Views handed out must have been released."""
+        for region in self.regions:
+            region.view.release()
+            region.mapping.close()
+        self.regions = []
+        self._starts = []
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> GuestMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
