@@ -31,17 +31,17 @@ class CpuidEntry:
 
 def entries_from_struct(cpuid: ctypes.Structure) -> list[CpuidEntry]:
     out = []
-    for i in range(cpuid.nent):  # type: ignore[attr-defined]
-        e = cpuid.entries[i]  # type: ignore[attr-defined]
+    for i in range(cpuid.nent):
+        e = cpuid.entries[i]
         out.append(CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx))
     return out
 
 
 def struct_from_entries(entries: Sequence[CpuidEntry]) -> ctypes.Structure:
     cpuid = s.kvm_cpuid2(len(entries))
-    cpuid.nent = len(entries)  # type: ignore[attr-defined]
+    cpuid.nent = len(entries)
     for i, entry in enumerate(entries):
-        e = cpuid.entries[i]  # type: ignore[attr-defined]
+        e = cpuid.entries[i]
         e.function, e.index, e.flags = entry.function, entry.index, entry.flags
         e.eax, e.ebx, e.ecx, e.edx = entry.eax, entry.ebx, entry.ecx, entry.edx
     return cpuid

@@ -74,7 +74,7 @@ KVM_APIC_REG_SIZE = 0x400
 
 
 class kvm_lapic_state(ctypes.Structure):
-    _fields_ = [("regs", ctypes.c_char * KVM_APIC_REG_SIZE)]
+    _fields_ = [("regs", u8 * KVM_APIC_REG_SIZE)]
 
 
 class kvm_msr_entry(ctypes.Structure):

@@ -85,7 +85,7 @@ class Kvm:
         count = 128
         while True:
             buf = s.kvm_cpuid2(count)
-            buf.nent = count  # type: ignore[attr-defined]
+            buf.nent = count
             try:
                 fcntl.ioctl(self.fd, request, buf)
             except OSError as exc:
@@ -105,20 +105,20 @@ class Kvm:
 
     def _msr_list(self, request: int, name: str) -> list[int]:
         probe = s.kvm_msr_list(0)
-        probe.nmsrs = 0  # type: ignore[attr-defined]
+        probe.nmsrs = 0
         try:
             fcntl.ioctl(self.fd, request, probe)
         except OSError as exc:
             if exc.errno != errno.E2BIG:
                 raise ioctl_error(name, exc) from None
-        count = probe.nmsrs  # type: ignore[attr-defined]
+        count = probe.nmsrs
         buf = s.kvm_msr_list(count)
-        buf.nmsrs = count  # type: ignore[attr-defined]
+        buf.nmsrs = count
         try:
             fcntl.ioctl(self.fd, request, buf)
         except OSError as exc:
             raise ioctl_error(name, exc) from None
-        return [int(buf.indices[i]) for i in range(buf.nmsrs)]  # type: ignore[attr-defined]
+        return [int(buf.indices[i]) for i in range(buf.nmsrs)]
 
     def msr_index_list(self) -> list[int]:
         """KVM_GET_MSR_INDEX_LIST: MSRs saved and restored with a vCPU."""
@@ -135,14 +135,14 @@ class Kvm:
         if not indices:
             return {}
         buf = s.kvm_msrs(len(indices))
-        buf.nmsrs = len(indices)  # type: ignore[attr-defined]
+        buf.nmsrs = len(indices)
         for i, index in enumerate(indices):
-            buf.entries[i].index = index  # type: ignore[attr-defined]
+            buf.entries[i].index = index
         try:
             done = fcntl.ioctl(self.fd, c.KVM_GET_MSRS, buf)
         except OSError as exc:
             raise ioctl_error("KVM_GET_MSRS (features)", exc) from None
-        return {int(buf.entries[i].index): int(buf.entries[i].data)  # type: ignore[attr-defined]
+        return {int(buf.entries[i].index): int(buf.entries[i].data)
                 for i in range(done)}
 
     # -- VMs ----------------------------------------------------------------------------------------
@@ -164,3 +164,4 @@ class Kvm:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+

@@ -188,25 +188,25 @@ class Vcpu:
     def get_msrs(self, indices: Sequence[int]) -> dict[int, int]:
         """KVM_GET_MSRS; MSRs KVM cannot read are left out of the result."""
         buf = s.kvm_msrs(len(indices))
-        buf.nmsrs = len(indices)  # type: ignore[attr-defined]
+        buf.nmsrs = len(indices)
         for i, index in enumerate(indices):
-            buf.entries[i].index = index  # type: ignore[attr-defined]
+            buf.entries[i].index = index
         try:
             done = fcntl.ioctl(self.fd, c.KVM_GET_MSRS, buf)
         except OSError as exc:
             raise ioctl_error("KVM_GET_MSRS", exc) from None
-        entries = buf.entries  # type: ignore[attr-defined]
+        entries = buf.entries
         return {int(entries[i].index): int(entries[i].data) for i in range(done)}
 
     def set_msrs(self, values: Mapping[int, int]) -> int:
         """KVM_SET_MSRS; returns how many were set (KVM stops at the first it refuses)."""
         buf = s.kvm_msrs(len(values))
-        buf.nmsrs = len(values)  # type: ignore[attr-defined]
+        buf.nmsrs = len(values)
         for i, (index, data) in enumerate(values.items()):
-            buf.entries[i].index = index  # type: ignore[attr-defined]
-            buf.entries[i].data = data  # type: ignore[attr-defined]
+            buf.entries[i].index = index
+            buf.entries[i].data = data
         try:
-            return fcntl.ioctl(self.fd, c.KVM_SET_MSRS, buf)
+            return int(fcntl.ioctl(self.fd, c.KVM_SET_MSRS, buf))
         except OSError as exc:
             raise ioctl_error("KVM_SET_MSRS", exc) from None
 
@@ -221,7 +221,7 @@ class Vcpu:
     def get_cpuid(self, capacity: int = 256) -> list[CpuidEntry]:
         """KVM_GET_CPUID2: the CPUID table this vCPU was given."""
         buf = s.kvm_cpuid2(capacity)
-        buf.nent = capacity  # type: ignore[attr-defined]
+        buf.nent = capacity
         try:
             fcntl.ioctl(self.fd, c.KVM_GET_CPUID2, buf)
         except OSError as exc:

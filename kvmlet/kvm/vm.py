@@ -27,7 +27,7 @@ class Vm:
 
     def _ioctl(self, name: str, request: int, arg: int | ctypes.Structure | ctypes.c_uint64 = 0) -> int:
         try:
-            return fcntl.ioctl(self.fd, request, arg)  # type: ignore[call-overload,no-any-return]
+            return fcntl.ioctl(self.fd, request, arg)
         except OSError as exc:
             raise ioctl_error(name, exc) from None
 

@@ -1,0 +1,73 @@
+/* kmain: banner, set-up, the checks named on the command line, exit status. */
+#include "guest.h"
+
+struct check {
+    const char *name;
+    const char *(*run)(void);
+};
+
+static const struct check checks[] = {
+    { "serial", check_serial },       { "e820", check_e820 },
+    { "cmdline", check_cmdline },     { "bootinfo", check_bootinfo },
+    { "cpl3", check_cpl3 },           { "pio-loop", check_pio_loop },
+    { "mmio-loop", check_mmio_loop }, { "touch", check_touch },
+    { "smp", check_smp },             { "uart-rx", check_uart_rx },
+    { "uart-thre", check_uart_thre }, { "echo", check_echo },
+    { "cpuid", check_cpuid },         { "emufail", check_emufail },
+};
+
+unsigned checks_passed, checks_failed;
+
+void guest_exit(unsigned status)
+{
+    outb(DEBUG_EXIT, (uint8_t)status);
+    for (;;)
+        __asm__ volatile("cli; hlt");
+}
+
+static void run_check(const char *name, size_t len)
+{
+    char buf[64];
+    const char *failure = "unknown check";
+
+    if (len >= sizeof(buf))
+        len = sizeof(buf) - 1;
+    memcpy(buf, name, len);
+    buf[len] = '\0';
+    for (size_t i = 0; i < sizeof(checks) / sizeof(checks[0]); i++) {
+        if (strcmp(buf, checks[i].name) == 0) {
+            failure = checks[i].run();
+            break;
+        }
+    }
+    if (failure) {
+        kprintf("TEST %s FAIL %s\n", buf, failure);
+        checks_failed++;
+    } else {
+        kprintf("TEST %s PASS\n", buf);
+        checks_passed++;
+    }
+}
+
+void kmain(int kind, uint64_t info_paddr)
+{
+    /* The entry code already wrote the 'k'. */
+    serial_puts(kind == BOOT_PVH ? "vmlet-guest: boot=pvh\n" : "vmlet-guest: boot=64bit\n");
+    serial_init();
+    cpu_init();
+    bootinfo_init(kind, info_paddr);
+    options_parse(boot.cmdline);
+
+    const char *p = opt.tests;
+    while (*p) {
+        const char *name = p;
+        while (*p && *p != ',')
+            p++;
+        if (p > name)
+            run_check(name, p - name);
+        if (*p == ',')
+            p++;
+    }
+    kprintf("TESTS DONE %u %u\n", checks_passed, checks_failed);
+    guest_exit(opt.exit_set ? opt.exit_status : checks_failed ? 1 : 0);
+}

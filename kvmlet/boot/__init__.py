@@ -1,0 +1,1 @@
+"""Guest boot: kernel images and boot protocols."""

@@ -1,0 +1,49 @@
+"""The `kvmlet` command: run a VM, report on the host."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    run = sub.add_parser("run", help="boot a VM (the built-in test guest when no --kernel is given)",
+                         description="Boot a VM and show its console; exits with the guest's status.")
+    run.add_argument("--kernel", type=Path, help="vmlinux (ELF), bzImage or PVH ELF to boot")
+    run.add_argument("--initrd", type=Path, help="initial ramdisk")
+    run.add_argument("--cmdline", help="kernel command line")
+    run.add_argument("--vcpus", type=int, default=1, help="number of vCPUs (default 1)")
+    run.add_argument("--memory", default="128M", help="guest memory, e.g. 128M or 2G (default 128M)")
+    run.add_argument("--boot", choices=("auto", "linux64", "pvh"), default="auto",
+                     help="boot protocol: the 64-bit Linux entry or the PVH entry (default auto)")
+    run.add_argument("--console", default="stdio",
+                     help="serial console: stdio, file:PATH, socket:PATH or none (default stdio)")
+    run.add_argument("--stats", action="store_true", help="print exits by reason per vCPU at exit")
+    run.add_argument("--boot-timer", action="store_true",
+                     help="print the start-up breakdown (imports, VM set-up, image load, first byte)")
+    run.add_argument("--timeout", type=float, help="stop the VM after this many seconds")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvmlet", description="A virtual machine monitor on Linux KVM.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _run_parser(sub)
+    host = sub.add_parser("host", help="what this host offers for virtualization")
+    host.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "host":
+        from kvmlet.host import host_main
+
+        return host_main(json_output=args.json)
+    from kvmlet.run_command import run_main
+
+    return run_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

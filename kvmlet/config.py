@@ -1,0 +1,70 @@
+"""What a VM is made of: a validated configuration, independent of how it was given (CLI, API)."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvmlet.memory import MiB
+
+DEFAULT_MEMORY = 128 * MiB
+DEFAULT_CMDLINE = "console=ttyS0 earlyprintk=serial,ttyS0 reboot=k panic=1"
+MAX_VCPUS_SUPPORTED = 254  # MP table APIC IDs (one is the IOAPIC's)
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work, with what to change."""
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+_UNITS = {"": MiB, "k": 1 << 10, "m": MiB, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'128M', '1G', '512' (MiB when no unit) -> bytes."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ConfigError(f"memory size {text!r} is not a size like 128M or 2G")
+    return int(match.group(1)) * _UNITS[match.group(2).lower()]
+
+
+def host_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@dataclass
+class MachineConfig:
+    """One VM: kernel, initrd, command line, vCPUs, memory and console."""
+
+    kernel: Path | None = None          # None: the built-in test guest
+    initrd: Path | None = None
+    cmdline: str | None = None           # None: DEFAULT_CMDLINE (or the guest's default)
+    vcpus: int = 1
+    memory: int = DEFAULT_MEMORY
+    boot: str = "auto"                   # auto | linux64 | pvh
+    console: str = "stdio"               # stdio | file:PATH | socket:PATH | none
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def validate(self, max_vcpus: int | None = None) -> None:
+        if self.vcpus < 1:
+            raise ConfigError(f"--vcpus must be at least 1 (got {self.vcpus})")
+        limit = min(max_vcpus or MAX_VCPUS_SUPPORTED, MAX_VCPUS_SUPPORTED)
+        if self.vcpus > limit:
+            raise ConfigError(f"--vcpus {self.vcpus} is more than this host's KVM allows ({limit})")
+        if self.memory <= 0:
+            raise ConfigError("--memory must be larger than zero")
+        if self.memory % 4096:
+            raise ConfigError(f"--memory {self.memory} bytes is not a multiple of 4 KiB")
+        if self.memory < 16 * MiB:
+            raise ConfigError(f"--memory {self.memory // MiB} MiB is too small; kvmlet needs at least 16 MiB")
+        host = host_memory_bytes()
+        if self.memory > host:
+            raise ConfigError(f"--memory {self.memory // MiB} MiB is more than this host has "
+                              f"({host // MiB} MiB)")
+        if self.boot not in ("auto", "linux64", "pvh"):
+            raise ConfigError(f"--boot {self.boot!r}: choose auto, linux64 or pvh")
+        for label, path in (("kernel", self.kernel), ("initrd", self.initrd)):
+            if path is not None and not path.is_file():
+                raise ConfigError(f"{label} {path} does not exist or is not a file")
