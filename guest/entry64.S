@@ -6,16 +6,14 @@
  * no stack, no particular GDT beyond the current CS.
  */
 
-#define BOOT_64BIT 1
-#define SEL_KCODE  0x08
-#define SEL_KDATA  0x10
+#include "guest.h"
 
     .section .text.entry, "ax"
     .code64
     .globl _start
 _start:
     /* First guest byte, before anything else: the 'k' of "kvmlet-guest:". */
-    movw $0x3f8, %dx
+    movw $COM1, %dx
     movb $'k', %al
     outb %al, %dx
 

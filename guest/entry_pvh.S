@@ -7,9 +7,8 @@
  * paging, then far-jump to 64-bit code and join the common path.
  */
 
-#define BOOT_PVH  2
-#define SEL_KCODE 0x08
-#define SEL_KDATA 0x10
+#include "guest.h"
+
 #define XEN_ELFNOTE_PHYS32_ENTRY 18
 
     .section .note.Xen, "a"
@@ -25,7 +24,7 @@
     .globl pvh_entry
 pvh_entry:
     /* First guest byte, before anything else. */
-    movw $0x3f8, %dx
+    movw $COM1, %dx
     movb $'k', %al
     outb %al, %dx
 

@@ -2,11 +2,6 @@
 #ifndef KVMLET_GUEST_H
 #define KVMLET_GUEST_H
 
-#include <stdarg.h>
-#include <stdbool.h>
-#include <stddef.h>
-#include <stdint.h>
-
 /* How the guest was entered (passed by the entry code to kmain). */
 #define BOOT_64BIT 1 /* Linux 64-bit boot protocol, RSI = struct boot_params */
 #define BOOT_PVH   2 /* Xen PVH, EBX = struct hvm_start_info */
@@ -27,8 +22,17 @@
 #define SEL_TSS   0x28
 
 /* IDT vectors. */
-#define VEC_IRQ0        0x20 /* 8259 master remapped here, slave at 0x28 */
-#define VEC_SPURIOUS    0xff
+#define VEC_IRQ0     0x20 /* 8259 master remapped here, slave at 0x28 */
+#define VEC_SPURIOUS 0xff /* local APIC spurious interrupt */
+
+#define USER_RFLAGS 0x3002 /* IOPL 3, IF 0 */
+#define TRAMP_BASE  0x10000 /* AP start-up code (SIPI vector 0x10) */
+
+#ifndef __ASSEMBLER__
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
 
 struct e820_entry {
     uint64_t addr;
@@ -112,8 +116,7 @@ void options_parse(const char *cmdline);
 void cpu_init(void);
 void trap_dispatch(struct trap_frame *f);
 typedef uint64_t (*user_fn)(uint64_t arg);
-uint64_t run_user(user_fn fn, uint64_t arg); /* runs fn(arg) at CPL3 with IOPL 3 */
-void irq_set_handler(int irq, void (*handler)(void));
+uint64_t run_user(user_fn fn, uint64_t arg); /* runs fn(arg) at CPL3, port I/O allowed */
 extern volatile bool emufail_active;
 
 /* pic.c: 8259 PIC and 8254 PIT */
@@ -121,6 +124,7 @@ void pic_init(void);
 void pic_unmask(int irq);
 void pic_mask_all(void);
 void pic_dispatch(int irq);
+void irq_set_handler(int irq, void (*handler)(void));
 void pit_start_100hz(void);
 extern volatile uint64_t ticks;
 
@@ -165,4 +169,5 @@ const char *check_echo(void);
 void __attribute__((noreturn)) guest_exit(unsigned status);
 extern unsigned checks_passed, checks_failed;
 
+#endif /* !__ASSEMBLER__ */
 #endif

@@ -102,8 +102,9 @@ uint64_t user_mp_find(uint64_t arg)
     }
     info->lapic_addr = h->lapic_addr;
 
+    /* Walk by the base table length, as Linux does: some tables (qboot's) leave entry_count at 0. */
     uint64_t p = info->cfg_addr + sizeof(*h), end = info->cfg_addr + h->base_length;
-    for (unsigned i = 0; i < h->entry_count && p < end; i++) {
+    while (p < end) {
         uint8_t type = *(const uint8_t *)phys(p);
         if (type == MP_ENTRY_PROCESSOR) {
             const struct mp_processor_entry *e = phys(p);

@@ -6,7 +6,6 @@
 #include "guest.h"
 #include "smp.h"
 
-#define TRAMP_BASE  0x10000
 #define SIPI_VECTOR (TRAMP_BASE >> 12)
 
 #define APIC_ID  0x20

@@ -7,7 +7,8 @@
  * the trampoline and absolute addresses of the main image are used.
  */
 
-#define TRAMP_BASE 0x10000
+#include "guest.h"
+
 #define T(sym) (TRAMP_BASE + ((sym) - tramp_start))
 
     .section .rodata.trampoline, "a"

@@ -2,9 +2,7 @@
  * Interrupt entry stubs, and the switch to user mode (CPL3) and back.
  */
 
-#define SEL_UDATA 0x1b
-#define SEL_UCODE 0x23
-#define USER_RFLAGS 0x3002              /* IOPL = 3, IF = 0 */
+#include "guest.h"
 
     .section .text, "ax"
     .code64

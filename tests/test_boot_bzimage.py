@@ -65,7 +65,9 @@ def test_relocatable_kernel_falls_back_to_16mib_aligned(memory: GuestMemory) -> 
 
 def test_kernel_that_does_not_fit(memory: GuestMemory) -> None:
     image = make_bzimage(init_size=0x4000000)
-    with pytest.raises(BootImageError, match=r"needs 64 MiB \(init_size 0x4000000\) from 0x1000000.*at least 80 MiB"):
+    with pytest.raises(
+        BootImageError, match=r"needs 64 MiB \(init_size 0x4000000\) from 0x1000000.*at least 80 MiB"
+    ):
         load_bzimage(memory, image)
 
 
@@ -94,8 +96,16 @@ def _with_setup_sects(image: bytes, sects: int) -> bytes:
         (make_bzimage()[:0x200], "too short to hold a setup header"),
     ],
     ids=[
-        "boot-flag", "hdrs", "old-protocol", "no-xlf-kernel-64", "no-xloadflags", "zimage", "alignment",
-        "header-length", "setup-sects", "truncated",
+        "boot-flag",
+        "hdrs",
+        "old-protocol",
+        "no-xlf-kernel-64",
+        "no-xloadflags",
+        "zimage",
+        "alignment",
+        "header-length",
+        "setup-sects",
+        "truncated",
     ],
 )
 def test_bad_headers_are_refused(image: bytes, fragment: str) -> None:

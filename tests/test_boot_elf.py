@@ -99,8 +99,20 @@ def _patched(image: bytes, offset: int, fmt: str, value: int) -> bytes:
         (_patched(GOOD, 24, "<Q", 0x500000), "entry point 0x500000 (e_entry) is not inside any PT_LOAD"),
     ],
     ids=[
-        "magic", "truncated-header", "class", "endianness", "machine", "type", "phoff", "phnum",
-        "no-phdrs", "pn-xnum", "phentsize", "segment-file-range", "filesz-gt-memsz", "entry",
+        "magic",
+        "truncated-header",
+        "class",
+        "endianness",
+        "machine",
+        "type",
+        "phoff",
+        "phnum",
+        "no-phdrs",
+        "pn-xnum",
+        "phentsize",
+        "segment-file-range",
+        "filesz-gt-memsz",
+        "entry",
     ],
 )
 def test_malformed_images_are_refused(memory: GuestMemory, image: bytes, fragment: str) -> None:
@@ -116,13 +128,15 @@ def test_no_loadable_segment() -> None:
 
 def test_overlapping_segments() -> None:
     image = make_elf([Seg(0x100000, b"a" * 0x2000), Seg(0x101000, b"b" * 0x100)], entry=0x100000)
-    with pytest.raises(BootImageError, match="program header 0 .* and program header 1 .* overlap"):
+    with pytest.raises(BootImageError, match=r"program header 0 .* and program header 1 .* overlap"):
         parse_elf(image)
 
 
 def test_segment_outside_guest_memory(memory: GuestMemory) -> None:
     image = make_elf([Seg(0x3FFF000, b"x" * 0x2000)], entry=0x3FFF000)
-    with pytest.raises(BootImageError, match=r"program header 0 \(0x3fff000-0x4001000\) is outside guest memory"):
+    with pytest.raises(
+        BootImageError, match=r"program header 0 \(0x3fff000-0x4001000\) is outside guest memory"
+    ):
         load_elf(memory, image)
 
 
@@ -142,7 +156,7 @@ def test_truncated_note() -> None:
     image = bytearray(make_elf([Seg(0x100000, b"\x90")], entry=0x100000, notes=[pvh_note(0x100000)]))
     # The PT_NOTE is program header 1: shrink its p_filesz so that the note's desc runs past its end.
     struct.pack_into("<Q", image, 64 + 56 + 32, 14)
-    with pytest.raises(BootImageError, match="note at file offset .* in program header 1 runs past the end"):
+    with pytest.raises(BootImageError, match=r"note at file offset .* in program header 1 runs past the end"):
         parse_elf(bytes(image))
 
 
@@ -154,7 +168,7 @@ def test_pvh_note_of_wrong_size() -> None:
 
 def test_pvh_entry_outside_segments() -> None:
     image = make_elf([Seg(0x100000, b"\x90")], entry=0x100000, notes=[pvh_note(0x300000)])
-    with pytest.raises(BootImageError, match="PVH entry point 0x300000 .* is not inside any"):
+    with pytest.raises(BootImageError, match=r"PVH entry point 0x300000 .* is not inside any"):
         parse_elf(image)
 
 

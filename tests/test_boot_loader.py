@@ -58,7 +58,9 @@ def test_identify_bzimage() -> None:
 
 
 def test_identify_neither() -> None:
-    with pytest.raises(BootImageError, match=r"kernel\.img is neither an ELF64 nor a bzImage \(first bytes 4d 5a"):
+    with pytest.raises(
+        BootImageError, match=r"kernel\.img is neither an ELF64 nor a bzImage \(first bytes 4d 5a"
+    ):
         identify_kernel(b"MZ" + bytes(600), "kernel.img")
 
 
@@ -216,7 +218,9 @@ def test_command_line_with_nul(memory: GuestMemory) -> None:
 
 
 def test_initrd_larger_than_memory(memory: GuestMemory) -> None:
-    with pytest.raises(BootImageError, match=re.escape("initrd is 80 MiB but only 61.9 MiB of guest memory is free")):
+    with pytest.raises(
+        BootImageError, match=re.escape("initrd is 80 MiB but only 61.9 MiB of guest memory is free")
+    ):
         load(memory, identify_kernel(guest_elf()), cmdline="", initrd=bytes(80 * MiB))
 
 
@@ -233,7 +237,7 @@ def test_empty_initrd(memory: GuestMemory) -> None:
 
 def test_kernel_outside_memory(memory: GuestMemory) -> None:
     image = make_elf([Seg(0x3F00000, b"x" * 0x200000)], entry=0x3F00000)
-    with pytest.raises(BootImageError, match="is outside guest memory .* at least 65 MiB"):
+    with pytest.raises(BootImageError, match=r"is outside guest memory .* at least 65 MiB"):
         load(memory, identify_kernel(image), cmdline="")
 
 

@@ -62,7 +62,10 @@ def test_e820_with_memory_above_4_gib() -> None:
 
 
 def test_e820_refuses_tiny_memory() -> None:
-    with GuestMemory.with_size(2 * MiB) as mem, pytest.raises(BootImageError, match="is 2 MiB; kvmlet needs at least 4 MiB"):
+    with (
+        GuestMemory.with_size(2 * MiB) as mem,
+        pytest.raises(BootImageError, match="is 2 MiB; kvmlet needs at least 4 MiB"),
+    ):
         build_e820(mem)
 
 
@@ -88,8 +91,15 @@ def test_identity_page_tables(memory: GuestMemory) -> None:
 
 
 def test_gdt_bytes(memory: GuestMemory) -> None:
-    expected = [0, 0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF, 0x008F8B000000FFFF, 0x00CF9B000000FFFF,
-                0x00CF93000000FFFF]
+    expected = [
+        0,
+        0,
+        0x00AF9B000000FFFF,
+        0x00CF93000000FFFF,
+        0x008F8B000000FFFF,
+        0x00CF9B000000FFFF,
+        0x00CF93000000FFFF,
+    ]
     assert list(BOOT_GDT) == expected
     assert gdt_bytes() == struct.pack("<7Q", *expected)
     memory.fill(0x500, 0x48, 0xAA)
@@ -101,8 +111,19 @@ def test_gdt_bytes(memory: GuestMemory) -> None:
 
 def test_segment_from_descriptor() -> None:
     code = Segment.from_descriptor(0x10, 0x00AF9B000000FFFF)
-    assert code == Segment(base=0, limit=0xFFFFFFFF, selector=0x10, type=0xB, present=True, dpl=0, db=False,
-                           s=True, l=True, g=True, avl=False)
+    assert code == Segment(
+        base=0,
+        limit=0xFFFFFFFF,
+        selector=0x10,
+        type=0xB,
+        present=True,
+        dpl=0,
+        db=False,
+        s=True,
+        l=True,
+        g=True,
+        avl=False,
+    )
     small = Segment.from_descriptor(0x8, 0x0040_9300_1234_0067)
     assert (small.base, small.limit, small.g, small.db, small.type) == (0x1234, 0x67, False, True, 3)
 
@@ -129,8 +150,13 @@ def test_pvh_state() -> None:
     assert (state.rip, state.rbx) == (0x100040, 0x6000)
     assert state.cr0 == 0x11  # PE | ET
     assert (state.cr3, state.cr4, state.efer) == (0, 0, 0)
-    assert (state.cs.selector, state.cs.l, state.cs.db, state.cs.limit, state.cs.type) == (0x28, False, True,
-                                                                                             0xFFFFFFFF, 0xB)
+    assert (state.cs.selector, state.cs.l, state.cs.db, state.cs.limit, state.cs.type) == (
+        0x28,
+        False,
+        True,
+        0xFFFFFFFF,
+        0xB,
+    )
     assert (state.ds.selector, state.ds.db, state.ds.limit) == (0x30, True, 0xFFFFFFFF)
     assert (state.tr.base, state.tr.limit, state.tr.type, state.tr.present) == (0, 0x67, 0xB, True)
     assert state.rflags & (1 << 9) == 0  # IF clear
@@ -147,8 +173,19 @@ def _parse_mptable(raw: bytes, base: int) -> tuple[dict[str, int], list[tuple[in
     assert (length, rev) == (1, 4)
     config = raw[pointer - base :]
     assert config[:4] == b"PCMP"
-    (base_length, spec, _checksum, oem, product, _oem_ptr, _oem_size, count, lapic, ext_length,
-     ext_checksum) = struct.unpack_from("<HBB8s12sIHHIHB", config, 4)
+    (
+        base_length,
+        spec,
+        _checksum,
+        oem,
+        product,
+        _oem_ptr,
+        _oem_size,
+        count,
+        lapic,
+        ext_length,
+        ext_checksum,
+    ) = struct.unpack_from("<HBB8s12sIHHIHB", config, 4)
     assert sum(config[:base_length]) % 256 == 0
     assert sum(config[base_length : base_length + ext_length]) % 256 == ext_checksum
     entries: list[tuple[int, ...]] = []
@@ -199,9 +236,11 @@ def test_mptable_size_limits() -> None:
     assert MAX_CPUS == 40
     assert mptable_size(MAX_CPUS) <= 0x400 < mptable_size(MAX_CPUS + 1)
     table = build_mptable(MAX_CPUS)
-    header, entries = _parse_mptable(table, 0x9FC00)
+    header, _ = _parse_mptable(table, 0x9FC00)
     assert header["count"] == MAX_CPUS + 19
-    with pytest.raises(BootImageError, match="the MP table for 41 vCPUs needs 1032 bytes .* at most 40 vCPUs"):
+    with pytest.raises(
+        BootImageError, match=r"the MP table for 41 vCPUs needs 1032 bytes .* at most 40 vCPUs"
+    ):
         build_mptable(41)
     with pytest.raises(BootImageError, match="more than the MP table can describe"):
         build_mptable(255)
@@ -214,8 +253,13 @@ def test_mptable_size_limits() -> None:
 
 def test_zero_page_for_vmlinux() -> None:
     e820 = [E820Entry(0, 0x9FC00, E820Type.RAM), E820Entry(0x100000, 0x3F00000, E820Type.RAM)]
-    page = build_zero_page(setup_header=None, cmdline_addr=0x20000, cmdline_size=2047,
-                           initrd=(0x1_2345_6000, 0x1_0000_0010), e820=e820)
+    page = build_zero_page(
+        setup_header=None,
+        cmdline_addr=0x20000,
+        cmdline_size=2047,
+        initrd=(0x1_2345_6000, 0x1_0000_0010),
+        e820=e820,
+    )
     assert len(page) == 4096
     u8 = page.__getitem__
 
@@ -248,8 +292,9 @@ def test_zero_page_for_bzimage_keeps_the_kernels_header() -> None:
     header[0x211 - 0x1F1] = 0x01  # loadflags: LOADED_HIGH
     struct.pack_into("<I", header, 0x238 - 0x1F1, 255)  # the kernel's cmdline_size
     header[0x1FE - 0x1F1 : 0x200 - 0x1F1] = b"\x55\xaa"
-    page = build_zero_page(setup_header=bytes(header), cmdline_addr=0x20000, cmdline_size=2047, initrd=None,
-                           e820=[])
+    page = build_zero_page(
+        setup_header=bytes(header), cmdline_addr=0x20000, cmdline_size=2047, initrd=None, e820=[]
+    )
     assert struct.unpack_from("<I", page, 0x238)[0] == 255
     assert page[0x211] == 0x81
     assert page[0x210] == 0xFF
@@ -265,8 +310,9 @@ def test_zero_page_refuses_too_many_e820_entries() -> None:
 def test_pvh_start_info() -> None:
     e820 = [E820Entry(0, 0x9FC00, E820Type.RAM), E820Entry(0x9FC00, 0x400, E820Type.RESERVED)]
     area = build_start_info(cmdline_addr=0x20000, memmap=e820, initrd=(0x3F00000, 0x1234))
-    (magic, version, flags, nr_modules, modlist, cmdline, rsdp, memmap, memmap_entries,
-     reserved) = struct.unpack_from("<IIIIQQQQII", area, 0)
+    (magic, version, flags, nr_modules, modlist, cmdline, rsdp, memmap, memmap_entries, reserved) = (
+        struct.unpack_from("<IIIIQQQQII", area, 0)
+    )
     assert (magic, version, flags, nr_modules) == (0x336EC578, 1, 0, 1)
     assert (modlist, cmdline, rsdp, memmap, memmap_entries, reserved) == (0x6C40, 0x20000, 0, 0x6040, 2, 0)
     assert area[0x40:0x70] == struct.pack("<QQIIQQII", 0, 0x9FC00, 1, 0, 0x9FC00, 0x400, 2, 0)

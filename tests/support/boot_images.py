@@ -98,11 +98,37 @@ def make_elf(
         shstrndx = shnum - 1
         for i, name_off in enumerate(name_offsets):
             is_strtab = i == shstrndx
-            tail += struct.pack("<IIQQQQIIQQ", name_off, 3 if is_strtab else 1, 0, 0,
-                                strtab_off if is_strtab else 0, len(strtab) if is_strtab else 0, 0, 0, 1, 0)
+            tail += struct.pack(
+                "<IIQQQQIIQQ",
+                name_off,
+                3 if is_strtab else 1,
+                0,
+                0,
+                strtab_off if is_strtab else 0,
+                len(strtab) if is_strtab else 0,
+                0,
+                0,
+                1,
+                0,
+            )
     ident = b"\x7fELF" + bytes([ei_class, ei_data, 1]) + bytes(9)
-    header = struct.pack("<16sHHIQQQIHHHHHH", ident, e_type, machine, 1, entry, phoff, shoff, 0, 64, 56,
-                         len(all_segments), 64, shnum, shstrndx)
+    header = struct.pack(
+        "<16sHHIQQQIHHHHHH",
+        ident,
+        e_type,
+        machine,
+        1,
+        entry,
+        phoff,
+        shoff,
+        0,
+        64,
+        56,
+        len(all_segments),
+        64,
+        shnum,
+        shstrndx,
+    )
     table = b"".join(struct.pack("<IIQQQQQQ", *p) for p in phdrs)
     return header + table + body + tail
 
