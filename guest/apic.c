@@ -3,6 +3,7 @@
 
 #define MSR_APIC_BASE      0x1b
 #define APIC_BASE_X2APIC   (1u << 10)
+#define APIC_BASE_ENABLE   (1u << 11)
 #define APIC_SVR           0xf0
 #define APIC_SVR_ENABLE    (1u << 8)
 #define APIC_ICR_LOW       0x300
@@ -19,8 +20,6 @@ static inline uint64_t rdmsr(uint32_t msr)
     __asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr));
     return (uint64_t)hi << 32 | lo;
 }
-
-#define APIC_BASE_ENABLE   (1u << 11)
 
 /* Physical address of the xAPIC registers; 0 if the APIC is off or in x2APIC mode. */
 uint64_t lapic_base(void)

@@ -53,7 +53,7 @@ void cpu_init(void)
      * bitmap; so also provide a bitmap that allows every port.
      */
     tss.iomap_base = offsetof(struct tss64, iomap);
-    tss.iomap[8192] = 0xff; /* no I/O bitmap: user port I/O rests on IOPL 3 */
+    tss.iomap[8192] = 0xff;
     gdt_tss[0] = (limit & 0xffff) | ((base & 0xffffff) << 16) | (0x89ULL << 40) /* present, available 64-bit TSS */
                  | (((limit >> 16) & 0xf) << 48) | (((base >> 24) & 0xff) << 56);
     gdt_tss[1] = base >> 32;

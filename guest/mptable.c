@@ -43,7 +43,6 @@ struct mp_processor_entry {
 
 #define MP_ENTRY_PROCESSOR 0
 #define MP_CPU_ENABLED     0x01
-#define MP_CPU_BSP         0x02
 
 static uint8_t checksum(uint64_t addr, size_t len)
 {
@@ -109,8 +108,6 @@ uint64_t user_mp_find(uint64_t arg)
         if (type == MP_ENTRY_PROCESSOR) {
             const struct mp_processor_entry *e = phys(p);
             if ((e->flags & MP_CPU_ENABLED) && info->ncpus < MP_MAX_CPUS) {
-                if (e->flags & MP_CPU_BSP)
-                    info->bsp_index = info->ncpus;
                 info->apic_ids[info->ncpus++] = e->lapic_id;
             }
             p += sizeof(*e);

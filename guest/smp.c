@@ -42,7 +42,6 @@ const char *check_smp(void)
     static char reason[96];
 
     memset(&info, 0, sizeof(info));
-    info.bsp_index = -1;
     run_user(user_mp_find, (uint64_t)&info);
     if (!info.fp_addr)
         return "no MP table";

@@ -11,7 +11,6 @@ struct mp_info {
     uint64_t cfg_addr;   /* MP configuration table */
     uint64_t lapic_addr; /* from the configuration table */
     unsigned ncpus;      /* enabled processor entries */
-    int bsp_index;       /* entry flagged as bootstrap processor */
     uint8_t apic_ids[MP_MAX_CPUS];
     const char *error;   /* NULL when the table was read */
 };

@@ -161,7 +161,7 @@ const char *check_uart_thre(void)
     uint64_t start = ticks;
     for (;;) {
         cli();
-        if (thre_seen || ticks - start >= timeout)
+        if (thre_seen || (timeout && ticks - start >= timeout))
             break;
         sti_hlt();
     }

@@ -40,7 +40,7 @@ def _stale(elf: Path, source: Path) -> bool:
         return True
     built = elf.stat().st_mtime
     return any(p.stat().st_mtime > built for p in source.iterdir()
-               if p.is_file() and p.suffix in (".c", ".S", ".h", ".ld") or p.name == "Makefile")
+               if p.is_file() and (p.suffix in (".c", ".S", ".h", ".ld") or p.name == "Makefile"))
 
 
 def builtin_guest(rebuild: bool = False) -> Path:

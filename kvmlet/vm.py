@@ -150,6 +150,7 @@ class Machine:
         for region in memory.regions:
             vm.set_user_memory_region(region.slot, region.gpa, region.size, region.host_address)
         vm.create_irqchip()
+        vm.set_pc_irq_routing()
         vm.create_pit2()
         self._add_legacy_devices()
         self.timeline.mark("vm-created")

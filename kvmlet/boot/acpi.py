@@ -13,8 +13,8 @@ import struct
 from kvmlet.boot.errors import BootImageError
 from kvmlet.memory import GuestMemory
 
-ACPI_START = 0xE0000
-ACPI_END = 0xF0000
+ACPI_START = 0xF0000   # the BIOS area, reserved in the e820 map
+ACPI_END = 0x100000
 OEM_ID = b"KVMLET"
 OEM_TABLE_ID = b"KVMLETVM"
 CREATOR_ID = b"KVML"

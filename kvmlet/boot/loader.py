@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvmlet.boot import bzimage, elf
+from kvmlet.boot.acpi import write_acpi
 from kvmlet.boot.cpu_state import BootCpuState, long_mode_state, pvh_state
 from kvmlet.boot.e820 import E820Entry, build_e820
 from kvmlet.boot.errors import BootImageError
@@ -183,9 +184,11 @@ def load(
     memory.write(CMDLINE_ADDR, cmdline_bytes + b"\0")
     write_gdt_and_idt(memory)
     write_mptable(memory, cpus)
+    rsdp = write_acpi(memory, cpus)
     if chosen is BootProtocol.PVH:
         memory.write(
-            PVH_START_INFO_ADDR, build_start_info(cmdline_addr=CMDLINE_ADDR, memmap=e820, initrd=initrd_span)
+            PVH_START_INFO_ADDR, build_start_info(cmdline_addr=CMDLINE_ADDR, memmap=e820, initrd=initrd_span,
+                                               rsdp_addr=rsdp)
         )
         state = pvh_state(entry, PVH_START_INFO_ADDR)
         params = PVH_START_INFO_ADDR
@@ -200,6 +203,7 @@ def load(
                 cmdline_size=LINUX_COMMAND_LINE_SIZE - 1,
                 initrd=initrd_span,
                 e820=e820,
+                acpi_rsdp_addr=rsdp,
             ),
         )
         state = long_mode_state(entry, ZERO_PAGE_ADDR)

@@ -31,7 +31,7 @@ MODLIST_ENTRY = struct.Struct("<QQQQ")
 
 
 def build_start_info(
-    *, cmdline_addr: int, memmap: Sequence[E820Entry], initrd: tuple[int, int] | None
+    *, cmdline_addr: int, memmap: Sequence[E820Entry], initrd: tuple[int, int] | None, rsdp_addr: int = 0
 ) -> bytes:
     """The bytes of the PVH area from PVH_START_INFO_ADDR: start_info, memory map, module list."""
     if len(memmap) > PVH_MEMMAP_MAX_ENTRIES:
@@ -48,7 +48,7 @@ def build_start_info(
         1 if initrd is not None else 0,
         PVH_MODLIST_ADDR if initrd is not None else 0,
         cmdline_addr,
-        0,  # rsdp_paddr: no ACPI tables
+        rsdp_addr,
         PVH_MEMMAP_ADDR,
         len(memmap),
         0,

@@ -59,6 +59,9 @@ def synthetic_setup_header(page: bytearray, cmdline_size: int) -> None:
     struct.pack_into("<I", page, CMDLINE_SIZE, cmdline_size)
 
 
+ACPI_RSDP_ADDR = 0x070  # boot protocol 2.14: where the boot loader says the RSDP is
+
+
 def build_zero_page(
     *,
     setup_header: bytes | None,
@@ -66,6 +69,7 @@ def build_zero_page(
     cmdline_size: int,
     initrd: tuple[int, int] | None,
     e820: Sequence[E820Entry],
+    acpi_rsdp_addr: int = 0,
 ) -> bytes:
     """The 4096-byte zero page.
 
@@ -93,6 +97,7 @@ def build_zero_page(
         struct.pack_into("<I", page, RAMDISK_SIZE, size & 0xFFFFFFFF)
         struct.pack_into("<I", page, EXT_RAMDISK_IMAGE, address >> 32)
         struct.pack_into("<I", page, EXT_RAMDISK_SIZE, size >> 32)
+    struct.pack_into("<Q", page, ACPI_RSDP_ADDR, acpi_rsdp_addr)
     page[E820_ENTRIES] = len(e820)
     for index, entry in enumerate(e820):
         E820_ENTRY.pack_into(

@@ -53,6 +53,7 @@ KVM_SET_IDENTITY_MAP_ADDR = _iow(0x48, 8)
 KVM_CREATE_IRQCHIP = _io(0x60)
 KVM_IRQ_LINE = _iow(0x61, s.kvm_irq_level)
 KVM_IRQ_LINE_STATUS = _iowr(0x67, s.kvm_irq_level)
+KVM_SET_GSI_ROUTING = _iow(0x6A, s.kvm_irq_routing_header)
 KVM_IRQFD = _iow(0x76, s.kvm_irqfd)
 KVM_CREATE_PIT2 = _iow(0x77, s.kvm_pit_config)
 KVM_SET_BOOT_CPU_ID = _io(0x78)
@@ -89,6 +90,12 @@ KVM_GET_XCRS = _ior(0xA6, s.kvm_xcrs)
 KVM_SET_XCRS = _iow(0xA7, s.kvm_xcrs)
 KVM_GET_TSC_KHZ = _io(0xA3)
 KVM_GET_XSAVE2 = _ior(0xCF, s.kvm_xsave)
+
+KVM_IRQ_ROUTING_IRQCHIP = 1
+KVM_IRQ_ROUTING_MSI = 2
+KVM_IRQCHIP_PIC_MASTER = 0
+KVM_IRQCHIP_PIC_SLAVE = 1
+KVM_IRQCHIP_IOAPIC = 2
 
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 KVM_MEM_READONLY = 1 << 1

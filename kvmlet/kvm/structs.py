@@ -231,3 +231,24 @@ RUN_INTERNAL = RUN_EXIT_UNION  # u32 suberror, u32 ndata, u64 data[16]
 RUN_SYSTEM_EVENT = RUN_EXIT_UNION  # u32 type, u32 ndata, u64 data[16]
 RUN_FAIL_ENTRY = RUN_EXIT_UNION    # u64 hardware_entry_failure_reason, u32 cpu
 RUN_EXCEPTION = RUN_EXIT_UNION     # u32 exception, u32 error_code
+
+
+class kvm_irq_routing_irqchip(ctypes.Structure):
+    _fields_ = [("irqchip", u32), ("pin", u32), ("pad", u32 * 6)]
+
+
+class kvm_irq_routing_entry(ctypes.Structure):
+    _fields_ = [("gsi", u32), ("type", u32), ("flags", u32), ("pad", u32), ("u", kvm_irq_routing_irqchip)]
+
+
+class kvm_irq_routing_header(ctypes.Structure):
+    _fields_ = [("nr", u32), ("flags", u32)]
+
+
+def kvm_irq_routing(count: int) -> ctypes.Structure:
+    """A ``struct kvm_irq_routing`` with room for ``count`` entries."""
+
+    class _kvm_irq_routing(ctypes.Structure):
+        _fields_ = [("nr", u32), ("flags", u32), ("entries", kvm_irq_routing_entry * count)]
+
+    return _kvm_irq_routing()
