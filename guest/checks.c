@@ -146,3 +146,12 @@ const char *check_emufail(void)
     emufail_active = false;
     return "continued";
 }
+
+/* Pulse the CPU reset line through the i8042 keyboard controller (command 0xFE), as a PC reboots. */
+const char *check_reset(void)
+{
+    outb(0x64, 0xfe);
+    for (volatile unsigned i = 0; i < 100000; i++)
+        ;
+    return "still running after the i8042 reset";
+}

@@ -160,6 +160,7 @@ const char *check_mmio_loop(void);
 const char *check_touch(void);
 const char *check_cpuid(void);
 const char *check_emufail(void);
+const char *check_reset(void);
 const char *check_smp(void);
 const char *check_uart_rx(void);
 const char *check_uart_thre(void);

@@ -14,6 +14,7 @@ static const struct check checks[] = {
     { "smp", check_smp },             { "uart-rx", check_uart_rx },
     { "uart-thre", check_uart_thre }, { "echo", check_echo },
     { "cpuid", check_cpuid },         { "emufail", check_emufail },
+    { "reset", check_reset },
 };
 
 unsigned checks_passed, checks_failed;
