@@ -155,3 +155,21 @@ const char *check_reset(void)
         ;
     return "still running after the i8042 reset";
 }
+
+/*
+ * An instruction in RAM that a hypervisor may have to emulate and cannot: cmpxchg16b at CPL0. On VT-x and
+ * AMD-V it runs natively (the check passes); under PVM, kernel-mode code is emulated and KVM's emulator
+ * stops there, so the VMM must report it with the instruction bytes it reads from guest memory.
+ */
+const char *check_emufail_insn(void)
+{
+    static volatile uint64_t target[2] __attribute__((aligned(16)));
+    emufail_active = true;
+    __asm__ volatile("xor %%eax, %%eax\n\txor %%edx, %%edx\n\txor %%ebx, %%ebx\n\txor %%ecx, %%ecx\n\t"
+                     "lock cmpxchg16b %0"
+                     : "+m"(target[0])
+                     :
+                     : "rax", "rbx", "rcx", "rdx", "memory", "cc");
+    emufail_active = false;
+    return NULL;
+}

@@ -161,6 +161,7 @@ const char *check_touch(void);
 const char *check_cpuid(void);
 const char *check_emufail(void);
 const char *check_reset(void);
+const char *check_emufail_insn(void);
 const char *check_smp(void);
 const char *check_uart_rx(void);
 const char *check_uart_thre(void);

@@ -15,6 +15,7 @@ static const struct check checks[] = {
     { "uart-thre", check_uart_thre }, { "echo", check_echo },
     { "cpuid", check_cpuid },         { "emufail", check_emufail },
     { "reset", check_reset },
+    { "emufail-insn", check_emufail_insn },
 };
 
 unsigned checks_passed, checks_failed;

@@ -97,5 +97,9 @@ def run_main(args: argparse.Namespace) -> int:
     if args.boot_timer:
         _print_boot_timer(machine.timeline.marks, _process_start_perf())
     if status.kind.value not in ("guest-exit",):
+        serial = machine.serial
+        unfinished_line = serial is not None and serial.last_byte_out not in (None, 0x0A)
+        if unfinished_line and args.console == "stdio":
+            print(file=sys.stderr)  # the guest's last console line had no newline
         print(f"kvmlet: {status.message}", file=sys.stderr)
     return status.code

@@ -116,3 +116,13 @@ def test_stop_from_the_host_while_guest_runs(run_guest: RunGuest) -> None:
 
     run = run_guest("uart-rx", vcpus=2, during=stop)
     assert run.status.kind is StopKind.STOPPED
+
+
+def test_emulation_failure_in_ram_shows_the_instruction_bytes(run_guest: RunGuest) -> None:
+    """cmpxchg16b at CPL0: native on VT-x/AMD-V (the check passes), beyond KVM's emulator under PVM."""
+    run = run_guest("serial,emufail-insn", timeout=30)
+    if run.status.kind is StopKind.GUEST_EXIT:
+        assert run.passed("emufail-insn")
+        return
+    assert run.status.kind is StopKind.INTERNAL_ERROR, run.status
+    assert "instruction bytes: f0 48 0f c7" in run.status.message  # lock cmpxchg16b

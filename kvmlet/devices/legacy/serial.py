@@ -230,6 +230,7 @@ class Serial8250:
         self._irq_level = False
         self._edges = 0
         self._bytes_out = 0
+        self.last_byte_out: int | None = None  # the last byte sent to the console (for tidy VMM messages)
         self._bytes_in = 0
         self._bytes_read = 0
         self._bytes_dropped = 0
@@ -348,6 +349,7 @@ class Serial8250:
             self._receive_locked(bytes((byte,)))
         else:
             self._bytes_out += 1
+            self.last_byte_out = byte
             transmitted = bytes((byte,))
         self._thr_empty_pending = True
         self._update_irq_locked()
