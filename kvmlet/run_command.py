@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 
@@ -88,7 +89,12 @@ def run_main(args: argparse.Namespace) -> int:
             return 1
         for warning in machine.warnings:
             print(f"kvmlet: warning: {warning}", file=sys.stderr)
-        status = machine.run(timeout=args.timeout)
+        signal.signal(signal.SIGTERM, lambda signum, frame: machine.request_stop())
+        try:
+            status = machine.run(timeout=args.timeout)
+        except KeyboardInterrupt:  # SIGINT when the console is not a raw terminal
+            machine.request_stop()
+            status = machine.wait(10)
         machine.timeline.mark("exit")
         if args.stats:
             _print_stats(machine.exit_statistics())
