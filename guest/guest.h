@@ -166,6 +166,16 @@ const char *check_smp(void);
 const char *check_uart_rx(void);
 const char *check_uart_thre(void);
 const char *check_echo(void);
+/* virtio_*.c: virtio-mmio devices */
+const char *check_virtio_probe(void);
+const char *check_virtio_blk(void);
+const char *check_virtio_blk_irq(void);
+const char *check_virtio_blk_bench(void);
+const char *check_virtio_blk_seqbench(void);
+const char *check_virtio_rng(void);
+const char *check_virtio_net(void);
+const char *check_virtio_net_bench(void);
+const char *check_virtio_vsock(void);
 
 /* main.c */
 void __attribute__((noreturn)) guest_exit(unsigned status);

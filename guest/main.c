@@ -16,6 +16,15 @@ static const struct check checks[] = {
     { "cpuid", check_cpuid },         { "emufail", check_emufail },
     { "reset", check_reset },
     { "emufail-insn", check_emufail_insn },
+    { "virtio-probe", check_virtio_probe },
+    { "virtio-blk", check_virtio_blk },
+    { "virtio-blk-irq", check_virtio_blk_irq },
+    { "virtio-blk-bench", check_virtio_blk_bench },
+    { "virtio-blk-seqbench", check_virtio_blk_seqbench },
+    { "virtio-rng", check_virtio_rng },
+    { "virtio-net", check_virtio_net },
+    { "virtio-net-bench", check_virtio_net_bench },
+    { "virtio-vsock", check_virtio_vsock },
 };
 
 unsigned checks_passed, checks_failed;
