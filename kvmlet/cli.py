@@ -23,6 +23,19 @@ def _run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     run.add_argument("--boot-timer", action="store_true",
                      help="print the start-up breakdown (imports, VM set-up, image load, first byte)")
     run.add_argument("--timeout", type=float, help="stop the VM after this many seconds")
+    run.add_argument("--drive", action="append", default=[], metavar="SPEC",
+                     help="a virtio-blk drive (repeatable): path=FILE[,readonly=on][,direct=on][,id=NAME]"
+                          "[,bps=SIZE][,bps-burst=SIZE][,iops=N][,iops-burst=N][,refill-ms=MS]")
+    run.add_argument("--rng", nargs="?", const="", default=None, metavar="SPEC",
+                     help="a virtio-rng entropy device, optionally rate limited: [bps=SIZE][,bps-burst=SIZE]"
+                          "[,refill-ms=MS]")
+    run.add_argument("--net", action="append", default=[], metavar="SPEC",
+                     help="a virtio-net interface on a TAP (repeatable): tap=NAME|auto[,mac=MAC][,queues=N]"
+                          "[,offload=on|off][,mtu=N][,address=IP/LEN][,bridge=BR][,rx-bps=SIZE][,rx-pps=N]"
+                          "[,tx-bps=SIZE][,tx-pps=N][,...-burst=N][,refill-ms=MS]")
+    run.add_argument("--vsock", metavar="SPEC",
+                     help="a virtio-vsock device: cid=N,uds=PATH (host clients connect to PATH and send "
+                          "'CONNECT <port>'; guest connections to host port P go to PATH_P)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,8 +6,13 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kvmlet.memory import MiB
+
+if TYPE_CHECKING:
+    from kvmlet.devices.virtio.net_options import NetConfig, VsockConfig
+    from kvmlet.devices.virtio.options import DriveConfig, RngConfig
 
 DEFAULT_MEMORY = 128 * MiB
 DEFAULT_CMDLINE = "console=ttyS0 earlyprintk=serial,ttyS0 reboot=k panic=1"
@@ -46,6 +51,10 @@ class MachineConfig:
     boot: str = "auto"                   # auto | linux64 | pvh
     console: str = "stdio"               # stdio | file:PATH | socket:PATH | none
     extra: dict[str, str] = field(default_factory=dict)
+    drives: list[DriveConfig] = field(default_factory=list)   # virtio-blk, in order
+    rng: RngConfig | None = None                              # virtio-rng
+    nets: list[NetConfig] = field(default_factory=list)       # virtio-net on TAPs, in order
+    vsock: VsockConfig | None = None                          # virtio-vsock
 
     def validate(self, max_vcpus: int | None = None) -> None:
         if self.vcpus < 1:
@@ -68,3 +77,11 @@ class MachineConfig:
         for label, path in (("kernel", self.kernel), ("initrd", self.initrd)):
             if path is not None and not path.is_file():
                 raise ConfigError(f"{label} {path} does not exist or is not a file")
+        if self.drives or self.rng is not None:
+            from kvmlet.devices.virtio.options import validate_devices
+
+            validate_devices(self.drives, self.rng)
+        if self.nets or self.vsock is not None:
+            from kvmlet.devices.virtio.net_options import validate_network
+
+            validate_network(self.nets, self.vsock)

@@ -1,31 +1,67 @@
-"""The event-loop thread that owns device file descriptors (console input, sockets, eventfds)."""
+"""The event-loop thread that owns device file descriptors (console input, sockets, eventfds).
+
+The asyncio loop (and asyncio itself, a large import) is created on first use: a VM whose devices never
+need it (console output only, no input to read) starts without it, which keeps cold start short.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import asyncio
 
 
 class EventLoopThread:
     """An asyncio loop running in its own daemon thread; safe to call from any thread."""
 
     def __init__(self, name: str = "kvmlet-events") -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._name = name
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
         self._started = False
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop, created on first use; it runs on its thread once :meth:`start` was called."""
+        loop = self._loop
+        if loop is not None:
+            return loop
+        with self._lock:
+            if self._loop is None:
+                import asyncio
+
+                self._loop = asyncio.new_event_loop()
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                if self._started:
+                    self._thread.start()
+            return self._loop
+
+    @property
+    def created(self) -> bool:
+        """Whether anything has used the loop yet."""
+        return self._loop is not None
+
     def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
-        self.loop.run_until_complete(self.loop.shutdown_asyncgens())
-        self.loop.close()
+        import asyncio
+
+        loop = self.loop
+        asyncio.set_event_loop(loop)
+        loop.run_forever()
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
 
     def start(self) -> None:
-        if not self._started:
+        """Run the loop on its thread (now if it exists, else as soon as something uses it)."""
+        with self._lock:
+            if self._started:
+                return
             self._started = True
-            self._thread.start()
+            if self._thread is not None:
+                self._thread.start()
 
     def call_soon(self, callback: Callable[..., Any], *args: Any) -> None:
         """Run ``callback(*args)`` on the loop thread."""
@@ -42,7 +78,8 @@ class EventLoopThread:
             self.loop.remove_reader(fd)
             done.set()
 
-        if self._started and self._thread.is_alive() and threading.current_thread() is not self._thread:
+        thread = self._thread
+        if thread is not None and thread.is_alive() and threading.current_thread() is not thread:
             self.call_soon(remove)
             done.wait(5)
         else:
@@ -50,11 +87,17 @@ class EventLoopThread:
 
     def run_coroutine(self, coro: Any) -> Any:
         """Schedule a coroutine on the loop; returns a concurrent.futures.Future."""
+        import asyncio
+
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def stop(self) -> None:
-        if self._started and self._thread.is_alive():
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(5)
-        elif not self._started:
-            self.loop.close()
+        with self._lock:
+            loop, thread, started = self._loop, self._thread, self._started
+        if loop is None:
+            return
+        if started and thread is not None and thread.is_alive():
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(5)
+        elif not started:
+            loop.close()

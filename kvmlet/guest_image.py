@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 DEFAULT_GUEST_CMDLINE = "console=ttyS0 kvmlet.test=serial,bootinfo,cmdline,e820,cpl3,smp kvmlet.loops=1000000"
@@ -58,6 +55,10 @@ def builtin_guest(rebuild: bool = False) -> Path:
                               f"pass --kernel or set {GUEST_ENV}")
     if not rebuild and not _stale(elf, source):
         return elf
+    import fcntl  # building is rare: keep these imports off the path to the first guest instruction
+    import shutil
+    import subprocess
+
     if shutil.which("make") is None or shutil.which("gcc") is None:
         raise GuestBuildError("building the test guest needs make and gcc: apt-get install build-essential")
     elf.parent.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from kvmlet.boot.loader import BootInfo
     from kvmlet.devices.legacy.console import Console
     from kvmlet.devices.legacy.serial import Serial8250
+    from kvmlet.devices.virtio.attach import VirtioDevices
     from kvmlet.kvm.vm import Vm
 
 COM1_PORT = 0x3F8
@@ -102,6 +103,7 @@ class Machine:
         self._exit_event = threading.Event()
         self._lock = threading.Lock()
         self.warnings: list[str] = []
+        self.virtio: VirtioDevices | None = None
 
     # -- building -----------------------------------------------------------------------------------
     def build(self) -> Machine:
@@ -153,9 +155,11 @@ class Machine:
         vm.set_pc_irq_routing()
         vm.create_pit2()
         self._add_legacy_devices()
+        self._add_virtio_devices()
         self.timeline.mark("vm-created")
 
-        self.boot_info = load(memory, kernel, cmdline=self.cmdline, initrd=initrd,
+        cmdline = self.virtio.extend_cmdline(self.cmdline) if self.virtio is not None else self.cmdline
+        self.boot_info = load(memory, kernel, cmdline=cmdline, initrd=initrd,
                               protocol=BootProtocol(config.boot), cpus=config.vcpus)
         self.timeline.mark("image-loaded")
 
@@ -212,6 +216,17 @@ class Machine:
         self._interrupts.append(line)
         self.vm.register_irqfd(line.fd, gsi)
         return line
+
+    def _add_virtio_devices(self) -> None:
+        """virtio-mmio drives and entropy device (kvmlet/devices/virtio/attach.py has the layout)."""
+        config = self.config
+        if not config.drives and config.rng is None and not config.nets and config.vsock is None:
+            return
+        from kvmlet.devices.virtio.attach import attach_virtio_devices
+
+        assert self.vm is not None and self.memory is not None
+        self.virtio = attach_virtio_devices(self.config, self.vm, self.memory, self.mmio, self.events,
+                                            self._interrupt)
 
     def _add_legacy_devices(self) -> None:
         from kvmlet.devices.legacy.console import console_from_spec
@@ -352,13 +367,19 @@ class Machine:
         self._set_exit(ExitStatus(StopKind.STOPPED, "stopped by the VMM", 130))
         self.state = VmState.STOPPED
 
-    def close(self) -> None:
-        """Stop the VM and release every thread, fd and mapping it owns."""
+    def close(self, wait: bool = True) -> None:
+        """Stop the VM and release every thread, fd and mapping it owns.
+
+        ``wait=False``: the kernel's destruction of the VM (see :meth:`kvmlet.kvm.vm.Vm.close`) finishes
+        on a background thread after this returns, e.g. when many VMs are created one after another."""
         if self.state in (VmState.RUNNING, VmState.PAUSED):
             self.stop()
         self.state = VmState.STOPPED
         if self._console is not None:
             self._console.close()
+        if self.virtio is not None:
+            self.virtio.close()
+            self.virtio = None
         self.events.stop()
         if self.vm is not None:
             for line in self._interrupts:
@@ -366,7 +387,7 @@ class Machine:
                     self.vm.unregister_irqfd(line.fd, line.gsi)
                 except OSError:
                     pass
-            self.vm.close()
+            self.vm.close(wait)
             self.vm = None
         for line in self._interrupts:
             line.close()

@@ -32,17 +32,16 @@ _TABLE = struct.Struct(f"<{ENTRIES_PER_TABLE}Q")
 
 def identity_page_tables() -> dict[int, bytes]:
     """The page-table pages, by guest-physical address: PML4, PDPT and the page directories."""
+    table_flags, large_flags = int(TABLE_FLAGS), int(LARGE_PAGE_FLAGS)  # plain ints: 2048 entries to build
     pml4 = [0] * ENTRIES_PER_TABLE
-    pml4[0] = PDPT_ADDR | TABLE_FLAGS
+    pml4[0] = PDPT_ADDR | table_flags
     pdpt = [0] * ENTRIES_PER_TABLE
     pages: dict[int, bytes] = {PML4_ADDR: _TABLE.pack(*pml4)}
     for directory in range(PD_PAGES):
         pd_addr = PD_ADDR + directory * PAGE_SIZE
-        pdpt[directory] = pd_addr | TABLE_FLAGS
-        first = directory * ENTRIES_PER_TABLE
-        pages[pd_addr] = _TABLE.pack(
-            *(((first + i) * LARGE_PAGE_SIZE) | LARGE_PAGE_FLAGS for i in range(ENTRIES_PER_TABLE))
-        )
+        pdpt[directory] = pd_addr | table_flags
+        first = directory * ENTRIES_PER_TABLE * LARGE_PAGE_SIZE + large_flags
+        pages[pd_addr] = _TABLE.pack(*range(first, first + ENTRIES_PER_TABLE * LARGE_PAGE_SIZE, LARGE_PAGE_SIZE))
     pages[PDPT_ADDR] = _TABLE.pack(*pdpt)
     return pages
 

@@ -1,0 +1,286 @@
+"""virtio-blk (virtio 1.2 section 5.2): one request queue on a raw image file or block device.
+
+A request is a chain whose device-readable part starts with the 16-byte header (type, reserved, sector)
+and whose device-writable part ends with the status byte; the device reads the parts as byte streams and
+makes no assumption about how the driver split them into descriptors. Data follows the header (writes,
+discard and write-zeroes segments) or precedes the status byte (reads, GET_ID).
+
+Checks, each failing only that request: data in the wrong direction (a read whose data is
+device-readable, a write whose data is device-writable), data that is not whole sectors, more data
+segments than ``seg_max`` or one larger than ``size_max``, sectors beyond the capacity, writes to a
+read-only drive, I/O errors on the host: all VIRTIO_BLK_S_IOERR. Unknown request types, and discard or
+write-zeroes when not negotiated or with flags the device does not support: VIRTIO_BLK_S_UNSUPP. A
+chain with no device-writable byte for the status cannot be answered: it is given back with length 0.
+
+Write caching: when the driver negotiated VIRTIO_BLK_F_FLUSH, a write completes once ``pwritev``
+returned (it is in the host's page cache) and FLUSH makes everything before it stable with
+``fdatasync``. When it did not, every write is made stable before it completes (writethrough), as
+section 5.2.6.2 requires of a device that offered FLUSH.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+from kvmlet.devices.virtio.blk_backend import SECTOR_SIZE, BlockBackend
+from kvmlet.devices.virtio.constants import DeviceType, feature_bit
+from kvmlet.devices.virtio.device import VirtioDevice
+from kvmlet.devices.virtio.queue import BufferList, DescriptorChain
+from kvmlet.devices.virtio.ratelimit import RateLimiter
+
+# Feature bits (section 5.2.3)
+VIRTIO_BLK_F_SIZE_MAX = 1
+VIRTIO_BLK_F_SEG_MAX = 2
+VIRTIO_BLK_F_RO = 5
+VIRTIO_BLK_F_BLK_SIZE = 6
+VIRTIO_BLK_F_FLUSH = 9
+VIRTIO_BLK_F_DISCARD = 13
+VIRTIO_BLK_F_WRITE_ZEROES = 14
+
+QUEUE_SIZE = 256
+SEG_MAX = QUEUE_SIZE - 2          # data segments in one request (the header and status take two)
+SIZE_MAX = 1 << 20                # bytes in one data segment
+MAX_DISCARD_SECTORS = 1 << 22     # 2 GiB per segment
+MAX_DISCARD_SEG = 1
+MAX_WRITE_ZEROES_SECTORS = 1 << 22
+MAX_WRITE_ZEROES_SEG = 1
+DISCARD_SECTOR_ALIGNMENT = 8      # 4 KiB: what hole punching can deallocate
+ID_BYTES = 20
+
+HEADER = struct.Struct("<IIQ")
+SEGMENT = struct.Struct("<QII")   # virtio_blk_discard_write_zeroes: sector, num_sectors, flags
+SEGMENT_FLAG_UNMAP = 1
+CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3xIII")
+
+
+class RequestType(enum.IntEnum):
+    IN = 0
+    OUT = 1
+    FLUSH = 4
+    GET_ID = 8
+    GET_LIFETIME = 10
+    DISCARD = 11
+    WRITE_ZEROES = 13
+    SECURE_ERASE = 14
+
+
+class Status(enum.IntEnum):
+    OK = 0
+    IOERR = 1
+    UNSUPP = 2
+
+
+class RequestError(Exception):
+    """A request that fails with the given status."""
+
+    def __init__(self, status: Status, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class BlockStats:
+    reads: int = 0
+    writes: int = 0
+    flushes: int = 0
+    discards: int = 0
+    write_zeroes: int = 0
+    get_ids: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    io_errors: int = 0
+    unsupported: int = 0
+    unanswerable: int = 0
+    throttled: int = 0
+    last_error: str = ""
+
+
+class VirtioBlock(VirtioDevice):
+    """A virtio block device on one :class:`BlockBackend`."""
+
+    device_type = DeviceType.BLOCK
+
+    def __init__(self, backend: BlockBackend, *, drive_id: str = "", name: str = "virtio-blk",
+                 rate_limiter: RateLimiter | None = None) -> None:
+        super().__init__([QUEUE_SIZE], name)
+        self.backend = backend
+        self.drive_id = drive_id.encode("ascii", "replace")[:ID_BYTES]
+        self.rate_limiter = rate_limiter
+        self.capacity = backend.size // SECTOR_SIZE  # whole sectors; a partial last one is not exposed
+        self.stats = BlockStats()
+
+    @property
+    def readonly(self) -> bool:
+        return self.backend.readonly
+
+    def specific_features(self) -> int:
+        bits = [VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH]
+        if self.readonly:
+            bits.append(VIRTIO_BLK_F_RO)
+        else:
+            bits += [VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES]
+        mask = 0
+        for bit in bits:
+            mask |= feature_bit(bit)
+        return mask
+
+    def config_space(self) -> bytes:
+        return CONFIG.pack(
+            self.capacity, SIZE_MAX, SEG_MAX,
+            0, 0, 0,                                  # geometry (not offered)
+            self.backend.logical_block_size,
+            0, 0, 0, 0,                               # topology (not offered)
+            0, 0, 0,                                  # writeback, unused0, num_queues
+            MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, DISCARD_SECTOR_ALIGNMENT,
+            MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG,
+            0 if self.backend.is_block_device else 1,  # write_zeroes_may_unmap (hole punching)
+            0, 0, 0)                                  # secure erase (not offered)
+
+    @property
+    def writeback(self) -> bool:
+        """Whether completed writes may still be volatile (the driver negotiated FLUSH)."""
+        return self.has_feature(VIRTIO_BLK_F_FLUSH)
+
+    # -- requests -----------------------------------------------------------------------------------
+    def process_queue(self, index: int) -> None:
+        self.drain_queue(self.queues[index], self._handle)
+
+    def _handle(self, chain: DescriptorChain) -> bool:
+        queue = self.queues[0]
+        writable = chain.writable
+        if writable.length == 0 or chain.readable.length < HEADER.size:
+            # No status byte to answer in, or no header to act on: a malformed request.
+            self.stats.unanswerable += 1
+            self.stats.last_error = f"request {chain.head}: no header or no status byte"
+            if writable.length:
+                writable.write(bytes([Status.IOERR]), writable.length - 1)
+            queue.push(chain.head, 1 if writable.length else 0)
+            return True
+        header = HEADER.unpack(chain.readable.read(0, HEADER.size))
+        kind, sector = header[0], header[2]
+        if self.rate_limiter is not None:
+            data = (chain.readable.length - HEADER.size) + (writable.length - 1)
+            cost = data if kind in (RequestType.IN, RequestType.OUT) else 0
+            wait = self.rate_limiter.try_consume(cost)
+            if wait > 0:
+                self.stats.throttled += 1
+                queue.undo_pop()
+                if self.host is not None:
+                    self.host.schedule_queue(queue.index, wait)
+                return False
+        used = self._execute(kind, sector, chain)
+        queue.push(chain.head, used)
+        return True
+
+    def _execute(self, kind: int, sector: int, chain: DescriptorChain) -> int:
+        """Carry out one request; returns the used length (status byte included)."""
+        after_header = chain.readable.split(HEADER.size)[1]
+        data_in, status_part = chain.writable.split(chain.writable.length - 1)
+        used = 1
+        try:
+            if kind == RequestType.IN:
+                used = data_in.length + 1
+                self._check_data(after_header.length == 0, data_in, "read")
+                self._read(sector, data_in)
+            elif kind == RequestType.OUT:
+                self._check_data(data_in.length == 0, after_header, "write")
+                self._write(sector, after_header)
+            elif kind == RequestType.FLUSH:
+                self.stats.flushes += 1
+                self.backend.flush()
+            elif kind == RequestType.GET_ID:
+                if after_header.length or data_in.length == 0:
+                    raise RequestError(Status.IOERR, "GET_ID needs a device-writable buffer for the ID")
+                self.stats.get_ids += 1
+                used = data_in.write(self.drive_id.ljust(ID_BYTES, b"\0")) + 1
+            elif kind in (RequestType.DISCARD, RequestType.WRITE_ZEROES):
+                self._discard_or_zero(RequestType(kind), after_header, data_in)
+            else:
+                raise RequestError(Status.UNSUPP, f"request type {kind} is not supported")
+            status = Status.OK
+        except RequestError as exc:
+            status = exc.status
+            self._count_failure(status, f"request {chain.head}: {exc}")
+        except OSError as exc:
+            status = Status.IOERR
+            self._count_failure(status, f"request {chain.head}: {self.backend.path}: "
+                                        f"{exc.strerror or exc}")
+        status_part.write(bytes([status]))
+        return used
+
+    def _count_failure(self, status: Status, message: str) -> None:
+        if status is Status.UNSUPP:
+            self.stats.unsupported += 1
+        else:
+            self.stats.io_errors += 1
+        self.stats.last_error = message
+
+    def _check_data(self, direction_ok: bool, data: BufferList, what: str) -> None:
+        if not direction_ok:
+            raise RequestError(Status.IOERR, f"{what} with data buffers in the wrong direction")
+        if data.length % SECTOR_SIZE:
+            raise RequestError(Status.IOERR, f"{what} of {data.length} bytes: not whole sectors")
+        if len(data) > SEG_MAX:
+            raise RequestError(Status.IOERR, f"{what} with {len(data)} segments (seg_max {SEG_MAX})")
+        if any(size > SIZE_MAX for _, size in data.buffers):
+            raise RequestError(Status.IOERR, f"{what} with a segment over size_max {SIZE_MAX}")
+
+    def _check_range(self, sector: int, sectors: int) -> int:
+        if sector + sectors > self.capacity:
+            raise RequestError(Status.IOERR, f"sectors {sector}+{sectors} are beyond the capacity "
+                                             f"{self.capacity}")
+        return sector * SECTOR_SIZE
+
+    def _read(self, sector: int, data: BufferList) -> None:
+        offset = self._check_range(sector, data.length // SECTOR_SIZE)
+        self.stats.reads += 1
+        self.backend.read_into(data, offset)
+        self.stats.bytes_read += data.length
+
+    def _write(self, sector: int, data: BufferList) -> None:
+        if self.readonly:
+            raise RequestError(Status.IOERR, "write to a read-only drive")
+        offset = self._check_range(sector, data.length // SECTOR_SIZE)
+        self.stats.writes += 1
+        self.backend.write_from(data, offset)
+        if not self.writeback:
+            self.backend.flush()
+        self.stats.bytes_written += data.length
+
+    def _discard_or_zero(self, kind: RequestType, segments: BufferList, data_in: BufferList) -> None:
+        discard = kind is RequestType.DISCARD
+        feature = VIRTIO_BLK_F_DISCARD if discard else VIRTIO_BLK_F_WRITE_ZEROES
+        if not self.has_feature(feature):
+            raise RequestError(Status.UNSUPP, f"{kind.name} was not negotiated")
+        if data_in.length:
+            raise RequestError(Status.IOERR, f"{kind.name} with device-writable data")
+        if self.readonly:
+            raise RequestError(Status.IOERR, f"{kind.name} on a read-only drive")
+        count, remainder = divmod(segments.length, SEGMENT.size)
+        limit_segments = MAX_DISCARD_SEG if discard else MAX_WRITE_ZEROES_SEG
+        limit_sectors = MAX_DISCARD_SECTORS if discard else MAX_WRITE_ZEROES_SECTORS
+        if remainder or count == 0 or count > limit_segments:
+            raise RequestError(Status.IOERR, f"{kind.name} with {segments.length} bytes of segments")
+        raw = segments.read_all()
+        parsed = [SEGMENT.unpack_from(raw, i * SEGMENT.size) for i in range(count)]
+        for sector, sectors, flags in parsed:
+            if flags & ~SEGMENT_FLAG_UNMAP or (discard and flags & SEGMENT_FLAG_UNMAP):
+                raise RequestError(Status.UNSUPP, f"{kind.name} with unsupported flags {flags:#x}")
+            if sectors > limit_sectors:
+                raise RequestError(Status.IOERR, f"{kind.name} of {sectors} sectors (max {limit_sectors})")
+            self._check_range(sector, sectors)
+        for sector, sectors, flags in parsed:
+            if discard:
+                self.stats.discards += 1
+                self.backend.discard(sector * SECTOR_SIZE, sectors * SECTOR_SIZE)
+            else:
+                self.stats.write_zeroes += 1
+                self.backend.write_zeroes(sector * SECTOR_SIZE, sectors * SECTOR_SIZE,
+                                          unmap=bool(flags & SEGMENT_FLAG_UNMAP))
+        if not self.writeback:
+            self.backend.flush()
+
+    def close(self) -> None:
+        self.backend.close()

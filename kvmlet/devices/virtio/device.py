@@ -1,0 +1,140 @@
+"""What a virtio device type implements, independent of the transport that carries it.
+
+The transport (``mmio.MmioTransport``) owns the device status, feature negotiation and the queues'
+configuration; it calls the device:
+
+* ``device_features()`` / ``accept_features()`` during negotiation;
+* ``read_config()`` / ``write_config()`` for the device-specific configuration space (any thread);
+* ``activate()`` at DRIVER_OK and ``reset()`` when the driver resets the device;
+* ``process_queue(index)`` on the event-loop thread, never on a vCPU thread, with the transport's lock held,
+  when the driver notified that queue (or a rate limiter's timer fired).
+
+A device answers requests through its queues and calls back into its :class:`DeviceHost` to signal the
+driver (``signal_used``), to report a configuration change, or to ask for a queue to be run later.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from kvmlet.devices.virtio.constants import COMMON_FEATURES, DeviceType, feature_bit
+from kvmlet.devices.virtio.queue import DescriptorChain, RingError, Virtqueue
+
+
+class DeviceHost(Protocol):
+    """The transport, as seen by its device."""
+
+    def signal_used(self, queue_index: int) -> None:
+        """Send a used-buffer notification (if the driver has not suppressed it)."""
+        ...
+
+    def signal_config_change(self) -> None:
+        """Send a configuration-change notification."""
+        ...
+
+    def schedule_queue(self, queue_index: int, delay: float) -> None:
+        """Run ``process_queue(queue_index)`` again after ``delay`` seconds (event-loop thread)."""
+        ...
+
+    def process_queue(self, queue_index: int) -> None:
+        """Run ``process_queue(queue_index)`` now, under the transport's lock, if the queue is live
+        (for devices with host-side event sources, e.g. a TAP or a socket becoming readable)."""
+        ...
+
+
+class ActivationError(RuntimeError):
+    """The device cannot start with what the driver configured (it then needs a reset)."""
+
+
+class VirtioDevice(abc.ABC):
+    """A virtio device type: its ID, features, configuration space and request handling."""
+
+    device_type: DeviceType
+
+    def __init__(self, queue_max_sizes: Sequence[int], name: str) -> None:
+        self.queue_max_sizes = tuple(queue_max_sizes)
+        self.name = name
+        self.host: DeviceHost | None = None
+        self.queues: list[Virtqueue] = []
+        self.features = 0
+        self.active = False
+
+    # -- negotiation and configuration ------------------------------------------------------------
+    def device_features(self) -> int:
+        """Every feature bit the device offers."""
+        return COMMON_FEATURES | self.specific_features()
+
+    @abc.abstractmethod
+    def specific_features(self) -> int:
+        """The device-type feature bits offered."""
+
+    def accept_features(self, features: int) -> bool:
+        """Whether the device works with this subset of its offered features (dependencies)."""
+        return True
+
+    def has_feature(self, bit: int) -> bool:
+        """Whether feature ``bit`` was negotiated."""
+        return bool(self.features & feature_bit(bit))
+
+    def config_space(self) -> bytes:
+        """The device-specific configuration space as the driver reads it."""
+        return b""
+
+    def write_config(self, offset: int, data: bytes) -> None:  # noqa: B027 - optional hook
+        """A driver write to the configuration space (ignored unless a device has writable fields)."""
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def activate(self, host: DeviceHost, queues: list[Virtqueue], features: int) -> None:
+        """Start serving ``queues`` with the negotiated ``features`` (DRIVER_OK)."""
+        self.host = host
+        self.queues = queues
+        self.features = features
+        self.active = True
+        self.on_activate()
+
+    def on_activate(self) -> None:  # noqa: B027 - optional hook
+        """Device-specific start (raise ActivationError to refuse)."""
+
+    def reset(self) -> None:
+        """Forget everything the driver set up (device reset, or the driver gave up)."""
+        self.active = False
+        self.features = 0
+        self.queues = []
+        self.on_reset()
+
+    def on_reset(self) -> None:  # noqa: B027 - optional hook
+        """Device-specific reset."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release host resources (files) when the VM closes."""
+
+    # -- requests -----------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def process_queue(self, index: int) -> None:
+        """Handle what the driver made available on queue ``index`` (RingError: device needs reset)."""
+
+    def drain_queue(self, queue: Virtqueue, handle: Callable[[DescriptorChain], bool]) -> None:
+        """Give each available chain to ``handle`` until the ring is empty, then signal the driver.
+
+        ``handle`` returns False to stop early (it has put the chain back with ``undo_pop`` and arranged
+        to be called again, e.g. by a rate limiter's timer).
+        """
+        try:
+            while True:
+                while (chain := queue.pop()) is not None:
+                    if not handle(chain):
+                        return
+                if not queue.enable_notification():
+                    break
+        finally:
+            self._signal_if_needed(queue)
+
+    def _signal_if_needed(self, queue: Virtqueue) -> None:
+        try:
+            wanted = queue.needs_notification()
+        except RingError:
+            wanted = True
+        if wanted and self.host is not None:
+            self.host.signal_used(queue.index)

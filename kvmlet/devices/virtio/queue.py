@@ -1,0 +1,404 @@
+"""Split virtqueues, device side (virtio 1.2 section 2.7).
+
+A :class:`Virtqueue` reads the descriptor table and the available ring and writes the used ring, all
+through :class:`~kvmlet.memory.GuestMemory`; every value the guest controls is checked before use:
+
+* at ``QueueReady`` (:meth:`Virtqueue.validate`): the size is a power of two no larger than the maximum,
+  each of the three areas is aligned as the specification requires and lies wholly in guest RAM;
+* per request (:meth:`Virtqueue.pop`): each descriptor's buffer lies in guest RAM, ``next`` is inside the
+  table, a chain visits at most queue-size descriptors (so a loop ends it), device-writable descriptors
+  come after device-readable ones, the total length fits in 32 bits, and indirect tables are used only
+  when VIRTIO_F_INDIRECT_DESC was negotiated, are a whole number of 8-byte aligned 16-byte descriptors,
+  are not combined with NEXT and contain no further indirect descriptor.
+
+Two kinds of failure: a malformed chain (:class:`ChainError`) fails that request only: ``pop`` gives the
+head back to the driver on the used ring with length 0, counts it and goes on. A broken ring
+(:class:`RingError`: the available index moved by more than the queue size, a head index outside the
+table) cannot be answered on the ring at all; ``pop`` raises it and the transport sets
+DEVICE_NEEDS_RESET. Nothing else escapes: guest memory access errors become one of the two.
+
+Notification suppression: with VIRTIO_F_EVENT_IDX the device publishes ``avail_event`` and signals
+the driver only when the used index passes ``used_event`` (the ``vring_need_event`` rule of section
+2.7.10); without it, ``VIRTQ_AVAIL_F_NO_INTERRUPT`` in the available ring's flags suppresses signals.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from kvmlet.memory import GuestMemory, GuestMemoryError
+
+DESCRIPTOR_SIZE = 16
+MAX_QUEUE_SIZE = 32768
+MAX_INDIRECT_ENTRIES = MAX_QUEUE_SIZE
+MAX_CHAIN_BYTES = 1 << 32
+
+VIRTQ_DESC_F_NEXT = 1
+VIRTQ_DESC_F_WRITE = 2
+VIRTQ_DESC_F_INDIRECT = 4
+
+VIRTQ_AVAIL_F_NO_INTERRUPT = 1
+VIRTQ_USED_F_NO_NOTIFY = 1
+
+DESCRIPTOR_TABLE_ALIGN = 16
+AVAIL_RING_ALIGN = 2
+USED_RING_ALIGN = 4
+INDIRECT_TABLE_ALIGN = 8  # the natural alignment of a descriptor's le64 address field
+
+_DESCRIPTOR = struct.Struct("<QIHH")
+_USED_ELEM = struct.Struct("<II")
+
+
+class VirtqueueError(Exception):
+    """Something the guest put in a virtqueue that the device cannot use."""
+
+
+class ChainError(VirtqueueError):
+    """A malformed descriptor chain: the request it carries fails, the queue goes on."""
+
+    def __init__(self, head: int, message: str) -> None:
+        super().__init__(f"descriptor chain at head {head}: {message}")
+        self.head = head
+
+
+class RingError(VirtqueueError):
+    """A virtqueue that cannot be used any more: the device needs a reset."""
+
+
+def is_power_of_two(value: int) -> bool:
+    return value > 0 and value & (value - 1) == 0
+
+
+def need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
+    """True if moving an index from ``old_idx`` to ``new_idx`` passes ``event_idx`` (mod 2**16)."""
+    return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
+
+
+class Buffer(NamedTuple):
+    """One guest buffer of a chain: (guest-physical address, length in bytes)."""
+
+    gpa: int
+    length: int
+
+
+@dataclass(frozen=True)
+class BufferList:
+    """The device-readable or device-writable part of a chain, as one byte stream over its buffers.
+
+    Every buffer was checked to lie in guest RAM when the chain was parsed; offsets below are into the
+    concatenation of the buffers.
+    """
+
+    memory: GuestMemory = field(repr=False, compare=False)
+    buffers: tuple[Buffer, ...] = ()
+
+    @property
+    def length(self) -> int:
+        return sum(buffer.length for buffer in self.buffers)
+
+    def __len__(self) -> int:
+        return len(self.buffers)
+
+    def slice(self, offset: int, length: int | None = None) -> BufferList:
+        """The buffers covering ``[offset, offset+length)`` of the stream (clipped to its end)."""
+        remaining = self.length - offset if length is None else length
+        out: list[Buffer] = []
+        for gpa, size in self.buffers:
+            if remaining <= 0:
+                break
+            if offset >= size:
+                offset -= size
+                continue
+            take = min(size - offset, remaining)
+            out.append(Buffer(gpa + offset, take))
+            remaining -= take
+            offset = 0
+        return BufferList(self.memory, tuple(out))
+
+    def split(self, offset: int) -> tuple[BufferList, BufferList]:
+        """The stream cut in two at ``offset``."""
+        return self.slice(0, offset), self.slice(offset)
+
+    def views(self) -> list[memoryview]:
+        """Writable memoryviews of each buffer, in order (release them before the memory closes)."""
+        return [self.memory.view(gpa, size) for gpa, size in self.buffers if size]
+
+    def read(self, offset: int = 0, length: int | None = None) -> bytes:
+        """Bytes ``[offset, offset+length)`` of the stream (fewer if it ends first)."""
+        return b"".join(self.memory.read(gpa, size) for gpa, size in self.slice(offset, length).buffers)
+
+    def read_all(self) -> bytes:
+        return self.read(0)
+
+    def write(self, data: bytes | bytearray | memoryview, offset: int = 0) -> int:
+        """Copy ``data`` into the stream at ``offset``; returns how many bytes fitted."""
+        source = memoryview(data).cast("B")
+        done = 0
+        for gpa, size in self.slice(offset, len(source)).buffers:
+            self.memory.write(gpa, source[done:done + size])
+            done += size
+        return done
+
+    def fill(self, byte: int = 0) -> int:
+        """Set every byte of the stream to ``byte``; returns the stream length."""
+        for gpa, size in self.buffers:
+            if size:
+                self.memory.fill(gpa, size, byte)
+        return self.length
+
+
+@dataclass(frozen=True)
+class DescriptorChain:
+    """One request: the head index to give back and its device-readable and device-writable parts."""
+
+    head: int
+    readable: BufferList
+    writable: BufferList
+    descriptor_count: int
+    indirect: bool = False
+
+
+@dataclass
+class QueueStats:
+    chains: int = 0
+    malformed_chains: int = 0
+    used_buffers: int = 0
+    notifications_sent: int = 0
+    notifications_suppressed: int = 0
+    last_error: str = ""
+
+
+class Virtqueue:
+    """One split virtqueue: its configuration (written by the driver through the transport) and rings."""
+
+    def __init__(self, memory: GuestMemory, index: int, max_size: int = 256) -> None:
+        if not is_power_of_two(max_size) or max_size > MAX_QUEUE_SIZE:
+            raise ValueError(f"queue maximum size {max_size} is not a power of two up to {MAX_QUEUE_SIZE}")
+        self.memory = memory
+        self.index = index
+        self.max_size = max_size
+        self.stats = QueueStats()
+        self._fence_lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to the state after a device reset."""
+        self.size = self.max_size
+        self.ready = False
+        self.desc_addr = 0
+        self.driver_addr = 0
+        self.device_addr = 0
+        self.event_idx = False
+        self.indirect_allowed = False
+        self.next_avail = 0
+        self.next_used = 0
+        self._signalled_used = 0  # the used index when the driver was last considered for a signal
+
+    # -- configuration ------------------------------------------------------------------------------
+    def set_features(self, *, event_idx: bool, indirect: bool) -> None:
+        self.event_idx = event_idx
+        self.indirect_allowed = indirect
+
+    @property
+    def _avail_ring_size(self) -> int:
+        return 4 + 2 * self.size + (2 if self.event_idx else 0)  # flags, idx, ring[, used_event]
+
+    @property
+    def _used_ring_size(self) -> int:
+        return 4 + 8 * self.size + (2 if self.event_idx else 0)  # flags, idx, ring[, avail_event]
+
+    def validate(self) -> None:
+        """Check the driver's queue configuration; RingError says what is wrong."""
+        if not is_power_of_two(self.size) or self.size > self.max_size:
+            raise RingError(f"queue {self.index}: size {self.size} is not a power of two between 1 and "
+                            f"{self.max_size}")
+        areas = (("descriptor table", self.desc_addr, DESCRIPTOR_SIZE * self.size, DESCRIPTOR_TABLE_ALIGN),
+                 ("available ring", self.driver_addr, self._avail_ring_size, AVAIL_RING_ALIGN),
+                 ("used ring", self.device_addr, self._used_ring_size, USED_RING_ALIGN))
+        for name, address, length, align in areas:
+            if address % align:
+                raise RingError(f"queue {self.index}: {name} at {address:#x} is not {align}-byte aligned")
+            if not self.memory.contains(address, length):
+                raise RingError(f"queue {self.index}: {name} at {address:#x}+{length:#x} is not in guest RAM")
+
+    def activate(self) -> None:
+        """Validate and start from the beginning of the rings (the driver zeroed them)."""
+        self.validate()
+        self.next_avail = 0
+        self.next_used = 0
+        self._signalled_used = 0
+
+    # -- ring fields --------------------------------------------------------------------------------
+    def _read_u16(self, gpa: int) -> int:
+        try:
+            return self.memory.read_u16(gpa)
+        except GuestMemoryError as exc:  # validate() should make this unreachable
+            raise RingError(f"queue {self.index}: {exc}") from None
+
+    def _write_u16(self, gpa: int, value: int) -> None:
+        try:
+            self.memory.write_u16(gpa, value & 0xFFFF)
+        except GuestMemoryError as exc:
+            raise RingError(f"queue {self.index}: {exc}") from None
+
+    def avail_flags(self) -> int:
+        return self._read_u16(self.driver_addr)
+
+    def avail_idx(self) -> int:
+        return self._read_u16(self.driver_addr + 2)
+
+    def used_event(self) -> int:
+        return self._read_u16(self.driver_addr + 4 + 2 * self.size)
+
+    def used_idx(self) -> int:
+        return self.next_used & 0xFFFF
+
+    def memory_fence(self) -> None:
+        """A full memory barrier (a locked instruction) between a store and a later load."""
+        self._fence_lock.acquire()
+        self._fence_lock.release()
+
+    def pending(self) -> int:
+        """How many chains the driver made available that the device has not taken."""
+        count = (self.avail_idx() - self.next_avail) & 0xFFFF
+        if count > self.size:
+            raise RingError(f"queue {self.index}: available index moved by {count}, more than the queue "
+                            f"size {self.size}")
+        return count
+
+    # -- taking requests ----------------------------------------------------------------------------
+    def pop(self) -> DescriptorChain | None:
+        """The next well-formed chain, or None when the ring is empty.
+
+        Malformed chains are given back to the driver with used length 0 and counted; RingError means
+        the queue is unusable.
+        """
+        while self.pending():
+            slot = self.driver_addr + 4 + 2 * (self.next_avail % self.size)
+            head = self._read_u16(slot)
+            if head >= self.size:
+                raise RingError(f"queue {self.index}: available ring entry {self.next_avail} names "
+                                f"descriptor {head}, outside the table of {self.size}")
+            self.next_avail = (self.next_avail + 1) & 0xFFFF
+            self.stats.chains += 1
+            try:
+                return self._parse_chain(head)
+            except ChainError as exc:
+                self.stats.malformed_chains += 1
+                self.stats.last_error = str(exc)
+                self.push(head, 0)
+        return None
+
+    def undo_pop(self) -> None:
+        """Put the last chain taken back (e.g. when a rate limiter defers it)."""
+        self.next_avail = (self.next_avail - 1) & 0xFFFF
+        self.stats.chains -= 1
+
+    def _read_descriptor(self, head: int, table: int, index: int) -> tuple[int, int, int, int]:
+        try:
+            view = self.memory.view(table + DESCRIPTOR_SIZE * index, DESCRIPTOR_SIZE)
+        except GuestMemoryError as exc:
+            raise ChainError(head, f"descriptor {index}: {exc}") from None
+        addr, length, flags, next_index = _DESCRIPTOR.unpack(view)
+        return int(addr), int(length), int(flags), int(next_index)
+
+    def _parse_chain(self, head: int) -> DescriptorChain:
+        readable: list[Buffer] = []
+        writable: list[Buffer] = []
+        table, table_size = self.desc_addr, self.size
+        index = head
+        visited = 0          # descriptors visited in the current table: bounded by its size
+        count = 0
+        total = 0
+        in_indirect = False
+        while True:
+            if visited >= table_size:
+                raise ChainError(head, f"longer than the {'indirect table' if in_indirect else 'queue'} "
+                                 f"({table_size} descriptors): a loop")
+            addr, length, flags, next_index = self._read_descriptor(head, table, index)
+            visited += 1
+            count += 1
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                if not self.indirect_allowed:
+                    raise ChainError(head, "indirect descriptor without VIRTIO_F_INDIRECT_DESC")
+                if in_indirect:
+                    raise ChainError(head, "indirect descriptor inside an indirect table")
+                if flags & VIRTQ_DESC_F_NEXT:
+                    raise ChainError(head, "indirect descriptor with NEXT set")
+                entries, remainder = divmod(length, DESCRIPTOR_SIZE)
+                if remainder or not 0 < entries <= MAX_INDIRECT_ENTRIES:
+                    raise ChainError(head, f"indirect table length {length} is not 1 to "
+                                     f"{MAX_INDIRECT_ENTRIES} descriptors of {DESCRIPTOR_SIZE} bytes")
+                if addr % INDIRECT_TABLE_ALIGN:
+                    raise ChainError(head, f"indirect table at {addr:#x} is not "
+                                     f"{INDIRECT_TABLE_ALIGN}-byte aligned")
+                if not self.memory.contains(addr, length):
+                    raise ChainError(head, f"indirect table at {addr:#x}+{length:#x} is not in guest RAM")
+                table, table_size, index, visited, in_indirect = addr, entries, 0, 0, True
+                continue
+            if length:
+                if not self.memory.contains(addr, length):
+                    raise ChainError(head, f"buffer at {addr:#x}+{length:#x} is not in guest RAM")
+                total += length
+                if total > MAX_CHAIN_BYTES:
+                    raise ChainError(head, "more than 4 GiB of buffers")
+            if flags & VIRTQ_DESC_F_WRITE:
+                if length:
+                    writable.append(Buffer(addr, length))
+            elif writable:
+                raise ChainError(head, "device-readable descriptor after a device-writable one")
+            elif length:
+                readable.append(Buffer(addr, length))
+            if not flags & VIRTQ_DESC_F_NEXT:
+                break
+            if next_index >= table_size:
+                raise ChainError(head, f"next index {next_index} is outside the table of {table_size}")
+            index = next_index
+        return DescriptorChain(head, BufferList(self.memory, tuple(readable)),
+                               BufferList(self.memory, tuple(writable)), count, in_indirect)
+
+    # -- giving buffers back ------------------------------------------------------------------------
+    def push(self, head: int, length: int) -> None:
+        """Put a used element (head, bytes written) on the used ring and publish it."""
+        elem = self.device_addr + 4 + 8 * (self.next_used % self.size)
+        try:
+            _USED_ELEM.pack_into(self.memory.view(elem, 8), 0, head, length & 0xFFFFFFFF)
+        except GuestMemoryError as exc:
+            raise RingError(f"queue {self.index}: {exc}") from None
+        # Stores are not reordered with stores on x86 (and CPython performs them in program order):
+        # the element is visible before the index that publishes it.
+        self.next_used = (self.next_used + 1) & 0xFFFF
+        self._write_u16(self.device_addr + 2, self.next_used)
+        self.stats.used_buffers += 1
+
+    def needs_notification(self) -> bool:
+        """Whether the driver wants a used-buffer notification for what was pushed since the last one."""
+        new = self.next_used
+        old = self._signalled_used
+        self._signalled_used = new
+        if old == new:
+            return False
+        self.memory_fence()  # the used index store before the used_event / flags load
+        if self.event_idx:
+            wanted = need_event(self.used_event(), new, old)
+        else:
+            wanted = not self.avail_flags() & VIRTQ_AVAIL_F_NO_INTERRUPT
+        if wanted:
+            self.stats.notifications_sent += 1
+        else:
+            self.stats.notifications_suppressed += 1
+        return wanted
+
+    def enable_notification(self) -> bool:
+        """Ask the driver to notify for the next available chain; True if chains arrived meanwhile.
+
+        With VIRTIO_F_EVENT_IDX this publishes ``avail_event``; without it the device never sets
+        VIRTQ_USED_F_NO_NOTIFY, so notifications are always on.
+        """
+        if self.event_idx:
+            self._write_u16(self.device_addr + 4 + 8 * self.size, self.next_avail)
+            self.memory_fence()  # the avail_event store before the avail idx load
+        return self.pending() > 0

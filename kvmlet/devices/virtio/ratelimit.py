@@ -1,0 +1,133 @@
+"""Token-bucket rate limiting of device I/O, in the manner of Firecracker's RateLimiter.
+
+A :class:`TokenBucket` holds up to ``size`` tokens and refills from empty to full in ``refill_time_ms``;
+``one_time_burst`` extra tokens are available once, at the start, and are used before the bucket's own.
+A :class:`RateLimiter` has up to two buckets: bandwidth (tokens are bytes) and operations (one token per
+request). A request is admitted only when both buckets allow it, and then consumes from both; a request
+larger than a bucket's whole size is admitted when that bucket is full, leaving it in debt, so big
+requests are slowed down in proportion instead of being refused.
+
+When a request is not admitted, ``try_consume`` returns how long to wait; the device puts the request
+back on its queue and asks its transport to run the queue again after that delay (a timer on the event
+loop), so a throttled queue resumes by itself without a new notification from the driver.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+MIN_WAIT = 0.001  # seconds: the shortest timer a throttled queue sets
+
+
+class RateLimitError(ValueError):
+    """A rate-limit configuration that cannot work."""
+
+
+@dataclass(frozen=True)
+class TokenBucketConfig:
+    """``size`` tokens per ``refill_time_ms`` milliseconds, plus a one-time burst."""
+
+    size: int
+    refill_time_ms: int = 1000
+    one_time_burst: int = 0
+
+    def validate(self, what: str) -> None:
+        if self.size <= 0:
+            raise RateLimitError(f"{what}: the bucket size must be positive (got {self.size})")
+        if self.refill_time_ms <= 0:
+            raise RateLimitError(f"{what}: the refill time must be positive (got {self.refill_time_ms} ms)")
+        if self.one_time_burst < 0:
+            raise RateLimitError(f"{what}: the one-time burst cannot be negative")
+
+
+@dataclass(frozen=True)
+class RateLimiterConfig:
+    """Limits for one device: bytes and/or operations."""
+
+    bandwidth: TokenBucketConfig | None = None
+    ops: TokenBucketConfig | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.bandwidth is not None or self.ops is not None
+
+    def validate(self, what: str) -> None:
+        if self.bandwidth is not None:
+            self.bandwidth.validate(f"{what} bandwidth limit")
+        if self.ops is not None:
+            self.ops.validate(f"{what} operations limit")
+
+
+Clock = Callable[[], float]
+
+
+class TokenBucket:
+    """One bucket; ``clock`` (seconds, monotonic) is injectable for tests."""
+
+    def __init__(self, config: TokenBucketConfig, clock: Clock = time.monotonic) -> None:
+        config.validate("token bucket")
+        self.config = config
+        self.capacity = float(config.size)
+        self.rate = config.size / (config.refill_time_ms / 1000.0)  # tokens per second
+        self.budget = self.capacity
+        self.burst = float(config.one_time_burst)
+        self._clock = clock
+        self._last = clock()
+
+    def _refill(self) -> None:
+        now = self._clock()
+        elapsed = max(0.0, now - self._last)
+        self._last = now
+        self.budget = min(self.capacity, self.budget + elapsed * self.rate)
+
+    def wait_time(self, tokens: int) -> float:
+        """0 if ``tokens`` can be consumed now, else the seconds until they can."""
+        self._refill()
+        need = max(0.0, tokens - self.burst)
+        if need == 0:
+            return 0.0
+        threshold = min(need, self.capacity)
+        if self.budget >= threshold:
+            return 0.0
+        return (threshold - self.budget) / self.rate
+
+    def consume(self, tokens: int) -> None:
+        """Take ``tokens`` (burst first); call after wait_time returned 0."""
+        from_burst = min(self.burst, float(tokens))
+        self.burst -= from_burst
+        self.budget -= tokens - from_burst
+
+
+class RateLimiter:
+    """Bandwidth and operations buckets; either may be absent (no limit)."""
+
+    def __init__(self, config: RateLimiterConfig, clock: Clock = time.monotonic) -> None:
+        self.config = config
+        self.bandwidth = TokenBucket(config.bandwidth, clock) if config.bandwidth else None
+        self.ops = TokenBucket(config.ops, clock) if config.ops else None
+        self.throttled = 0
+
+    def try_consume(self, nbytes: int, ops: int = 1) -> float:
+        """Admit a request of ``nbytes`` bytes and ``ops`` operations (0.0), or say how long to wait."""
+        wait = 0.0
+        if self.bandwidth is not None:
+            wait = max(wait, self.bandwidth.wait_time(nbytes))
+        if self.ops is not None:
+            wait = max(wait, self.ops.wait_time(ops))
+        if wait > 0:
+            self.throttled += 1
+            return max(wait, MIN_WAIT)
+        if self.bandwidth is not None:
+            self.bandwidth.consume(nbytes)
+        if self.ops is not None:
+            self.ops.consume(ops)
+        return 0.0
+
+
+def make_rate_limiter(config: RateLimiterConfig | None, clock: Clock = time.monotonic) -> RateLimiter | None:
+    """A limiter for ``config``, or None when it limits nothing."""
+    if config is None or not config.enabled:
+        return None
+    return RateLimiter(config, clock)

@@ -1,0 +1,1 @@
+"""Fuzz targets (atheris-style ``TestOneInput(data)``), runnable under plain Python too."""

@@ -1,0 +1,88 @@
+"""Token buckets and the two-bucket rate limiter, on a fake clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvmlet.devices.virtio.ratelimit import (
+    MIN_WAIT,
+    RateLimiter,
+    RateLimiterConfig,
+    RateLimitError,
+    TokenBucket,
+    TokenBucketConfig,
+    make_rate_limiter,
+)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_bucket_starts_full_and_refills_linearly() -> None:
+    clock = Clock()
+    bucket = TokenBucket(TokenBucketConfig(size=1000, refill_time_ms=1000), clock)
+    assert bucket.wait_time(1000) == 0
+    bucket.consume(1000)
+    assert bucket.wait_time(1) == pytest.approx(0.001)
+    assert bucket.wait_time(500) == pytest.approx(0.5)
+    clock.now += 0.25
+    assert bucket.wait_time(250) == 0
+    clock.now += 10
+    assert bucket.budget <= 1000 and bucket.wait_time(1000) == 0  # capped at the size
+
+
+def test_one_time_burst_is_used_first_and_not_refilled() -> None:
+    clock = Clock()
+    bucket = TokenBucket(TokenBucketConfig(size=100, refill_time_ms=1000, one_time_burst=500), clock)
+    assert bucket.wait_time(550) == 0
+    bucket.consume(550)
+    assert bucket.burst == 0 and bucket.budget == 50
+    clock.now += 100
+    assert bucket.burst == 0 and bucket.wait_time(100) == 0
+
+
+def test_request_larger_than_the_bucket_is_admitted_when_full_and_leaves_debt() -> None:
+    clock = Clock()
+    bucket = TokenBucket(TokenBucketConfig(size=100, refill_time_ms=1000), clock)
+    assert bucket.wait_time(300) == 0
+    bucket.consume(300)
+    assert bucket.budget == -200
+    assert bucket.wait_time(300) == pytest.approx(3.0)  # back to full: 300 tokens at 100/s
+
+
+def test_limiter_needs_both_buckets_and_consumes_nothing_when_waiting() -> None:
+    clock = Clock()
+    limiter = RateLimiter(RateLimiterConfig(bandwidth=TokenBucketConfig(1000, 1000),
+                                            ops=TokenBucketConfig(2, 1000)), clock)
+    assert limiter.try_consume(100) == 0
+    assert limiter.try_consume(100) == 0
+    wait = limiter.try_consume(100)  # ops exhausted, bandwidth not
+    assert wait == pytest.approx(0.5) and limiter.throttled == 1
+    assert limiter.bandwidth is not None and limiter.bandwidth.budget == 800
+    clock.now += 0.5
+    assert limiter.try_consume(100) == 0
+
+
+def test_minimum_wait() -> None:
+    clock = Clock()
+    limiter = RateLimiter(RateLimiterConfig(ops=TokenBucketConfig(1_000_000, 1)), clock)
+    limiter.try_consume(0, ops=1_000_000)
+    assert limiter.try_consume(0, ops=1) >= MIN_WAIT
+
+
+@pytest.mark.parametrize("config", [TokenBucketConfig(0), TokenBucketConfig(10, 0),
+                                    TokenBucketConfig(10, 10, -1)])
+def test_bad_bucket_configurations(config: TokenBucketConfig) -> None:
+    with pytest.raises(RateLimitError):
+        RateLimiterConfig(bandwidth=config).validate("test")
+
+
+def test_no_limit_gives_no_limiter() -> None:
+    assert make_rate_limiter(None) is None
+    assert make_rate_limiter(RateLimiterConfig()) is None
+    assert make_rate_limiter(RateLimiterConfig(ops=TokenBucketConfig(5))) is not None
