@@ -44,10 +44,29 @@ def build_parser() -> argparse.ArgumentParser:
     _run_parser(sub)
     host = sub.add_parser("host", help="what this host offers for virtualization")
     host.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.add_parser("bench", add_help=False,
+                   help="benchmarks side by side with QEMU (source checkout; 'kvmlet bench --help')")
     return parser
 
 
+def _bench_main(argv: list[str]) -> int:
+    """`kvmlet bench`: runs bench/ of the source checkout (it is not installed with the package)."""
+    checkout = str(Path(__file__).resolve().parent.parent)
+    if Path(checkout, "bench", "__init__.py").is_file() and sys.path[:1] != [checkout]:
+        sys.path.insert(0, checkout)
+    try:
+        from bench.cli import main as bench_main
+    except ImportError as exc:
+        print(f"kvmlet bench: the benchmarks (bench/) come with a source checkout of kvmlet ({exc})",
+              file=sys.stderr)
+        return 2
+    return bench_main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
+    arguments = sys.argv[1:] if argv is None else argv
+    if arguments[:1] == ["bench"]:
+        return _bench_main(arguments[1:])
     args = build_parser().parse_args(argv)
     if args.command == "host":
         from kvmlet.host import host_main

@@ -22,9 +22,9 @@ from kvmlet.kvm.vcpu import Vcpu
 
 KICK_SIGNAL = signal.SIGUSR2
 
-_EXIT_REASON = struct.Struct("<I")
-_IO = struct.Struct("<BBHIQ")
-_MMIO = struct.Struct("<Q8sIB")
+_EXIT_IO = struct.Struct("<I20xBBHIQ")  # exit_reason at 8, then the io exit at 32: one unpack per exit
+_MMIO = struct.Struct("<QQIB")  # phys_addr, data (u8[8] read as one little-endian u64), len, is_write
+_MASKS = tuple((1 << (8 * size)) - 1 for size in range(9))  # by access size in bytes
 
 
 def install_kick_handler() -> None:
@@ -171,14 +171,18 @@ class VcpuThread:
         run = vcpu.run_page
         ioctl = fcntl.ioctl
         kvm_run = c.KVM_RUN
-        pio_read, pio_write = self.pio.read, self.pio.write
-        mmio_read, mmio_write = self.mmio.read, self.mmio.write
-        exit_unpack = _EXIT_REASON.unpack_from
-        io_unpack = _IO.unpack_from
+        # Exits are the hot path: each one is dispatched through the buses' target caches with as little
+        # Python work as possible (on PVM hosts, work between two KVM_RUNs costs ~3x its standalone time).
+        pio_reads, pio_read_target = self.pio.read_targets, self.pio.read_target
+        pio_writes, pio_write_target = self.pio.write_targets, self.pio.write_target
+        mmio_reads, mmio_read_target = self.mmio.read_targets, self.mmio.read_target
+        mmio_writes, mmio_write_target = self.mmio.write_targets, self.mmio.write_target
+        masks = _MASKS
+        exit_unpack = _EXIT_IO.unpack_from
         mmio_unpack = _MMIO.unpack_from
         io_count = 0
         mmio_count = 0
-        exit_io, exit_mmio = c.ExitReason.IO, c.ExitReason.MMIO
+        exit_io, exit_mmio = int(c.ExitReason.IO), int(c.ExitReason.MMIO)
         self.first_run_at = time.perf_counter()
         try:
             while True:
@@ -198,28 +202,32 @@ class VcpuThread:
                         time.sleep(0.0005)
                         continue
                     raise
-                reason = exit_unpack(run, 8)[0]
+                reason, direction, size, port, count, offset = exit_unpack(run, 8)
                 if reason == exit_io:
                     io_count += 1
-                    direction, size, port, count, offset = io_unpack(run, 32)
                     if direction:
-                        for i in range(count):
-                            at = offset + i * size
-                            pio_write(port, size, int.from_bytes(run[at:at + size], "little"))
+                        write, base = pio_writes.get(port) or pio_write_target(port)
+                        if count == 1:
+                            write(port - base, size,
+                                  run[offset] if size == 1 else int.from_bytes(run[offset:offset + size], "little"))
+                        else:
+                            for at in range(offset, offset + count * size, size):
+                                write(port - base, size, int.from_bytes(run[at:at + size], "little"))
                     else:
-                        for i in range(count):
-                            at = offset + i * size
-                            value = pio_read(port, size) & ((1 << (8 * size)) - 1)
-                            run[at:at + size] = value.to_bytes(size, "little")
+                        read, base = pio_reads.get(port) or pio_read_target(port)
+                        mask = masks[size]
+                        for at in range(offset, offset + count * size, size):
+                            run[at:at + size] = (read(port - base, size) & mask).to_bytes(size, "little")
                 elif reason == exit_mmio:
                     mmio_count += 1
                     address, data, length, is_write = mmio_unpack(run, 32)
                     length = min(length, 8)
                     if is_write:
-                        mmio_write(address, length, int.from_bytes(data[:length], "little"))
+                        write, base = mmio_writes.get(address) or mmio_write_target(address)
+                        write(address - base, length, data & masks[length])
                     else:
-                        value = mmio_read(address, length) & ((1 << (8 * length)) - 1)
-                        run[40:40 + length] = value.to_bytes(length, "little")
+                        read, base = mmio_reads.get(address) or mmio_read_target(address)
+                        run[40:40 + length] = (read(address - base, length) & masks[length]).to_bytes(length, "little")
                 else:
                     stop = self._other_exit(reason)
                     if stop is not None:

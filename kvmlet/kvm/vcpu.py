@@ -15,9 +15,9 @@ from kvmlet.kvm import constants as c
 from kvmlet.kvm import structs as s
 from kvmlet.kvm.cpuid import CpuidEntry, entries_from_struct, struct_from_entries
 from kvmlet.kvm.errors import ioctl_error
-from kvmlet.kvm.stats import StatsReader
 
 if TYPE_CHECKING:
+    from kvmlet.kvm.stats import StatsReader
     from kvmlet.kvm.vm import Vm
 
 _S = TypeVar("_S", bound=ctypes.Structure)
@@ -246,6 +246,8 @@ class Vcpu:
 
     def stats(self) -> StatsReader:
         """KVM_GET_STATS_FD on the vCPU."""
+        from kvmlet.kvm.stats import StatsReader  # only when asked: keeps VM start-up lean
+
         try:
             fd = fcntl.ioctl(self.fd, c.KVM_GET_STATS_FD, 0)
         except OSError as exc:

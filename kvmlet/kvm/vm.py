@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING
 from kvmlet.kvm import constants as c
 from kvmlet.kvm import structs as s
 from kvmlet.kvm.errors import KvmError, ioctl_error, ioctl_ulong
-from kvmlet.kvm.stats import StatsReader
 from kvmlet.kvm.vcpu import Vcpu
 
 if TYPE_CHECKING:
+    from kvmlet.kvm.stats import StatsReader
     from kvmlet.kvm.system import Kvm
 
 
@@ -202,6 +202,8 @@ class Vm:
 
     def stats(self) -> StatsReader:
         """KVM_GET_STATS_FD on the VM."""
+        from kvmlet.kvm.stats import StatsReader  # only when asked: keeps VM start-up lean
+
         fd = self._ioctl("KVM_GET_STATS_FD", c.KVM_GET_STATS_FD)
         return StatsReader(fd)
 

@@ -1,10 +1,13 @@
 """Host file descriptors a device watches on the event-loop thread (a TAP, sockets), and timers.
 
 Devices start and stop watching from any thread: from the event-loop thread itself (while handling a
-queue) the change is immediate; from another thread (a vCPU thread resetting the device, with the
-transport's lock held) it is queued to the loop and never waited for, so a device can never deadlock
-against a loop callback that is waiting for the same transport lock. Callbacks may therefore run once
-after ``unwatch`` was asked for, and must check that their device is still live.
+queue), or while the loop is not running, the change is immediate; from another thread (a vCPU thread
+resetting the device, with the transport's lock held) it is queued to the loop and never waited for, so a
+device can never deadlock against a loop callback that is waiting for the same transport lock. Callbacks
+may therefore run once after ``unwatch`` was asked for, and must check that their device is still live.
+
+A watched descriptor is closed with ``call_soon(close)`` after its ``unwatch``: the close then happens
+after the loop has forgotten the descriptor, so its number cannot be reused (and watched) in between.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ class FdWatcher(Protocol):
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> None: ...
 
+    def call_soon(self, callback: Callable[[], None]) -> None: ...
+
 
 class LoopFdWatcher:
     """An :class:`FdWatcher` on kvmlet's :class:`EventLoopThread`."""
@@ -42,15 +47,19 @@ class LoopFdWatcher:
         except RuntimeError:
             return False
 
-    def _run(self, function: Callable[..., Any], *args: Any) -> None:
+    def _run(self, function: Callable[..., Any], *args: Any, always: bool = False) -> None:
         loop = self.events.loop
-        if self._on_loop_thread():
-            function(*args)
+        if self._on_loop_thread() or not loop.is_running():
+            try:
+                function(*args)
+            except RuntimeError:  # a loop method on a closed loop: nothing is watched any more
+                pass
             return
         try:
             loop.call_soon_threadsafe(function, *args)
-        except RuntimeError:  # the loop is closed: nothing is watched any more
-            pass
+        except RuntimeError:      # the loop closed meanwhile
+            if always:
+                function(*args)
 
     def watch_read(self, fd: int, callback: Callable[[], None]) -> None:
         self._run(self.events.loop.add_reader, fd, callback)
@@ -66,3 +75,6 @@ class LoopFdWatcher:
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> None:
         self._run(self.events.loop.call_later, delay, callback)
+
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        self._run(callback, always=True)

@@ -228,8 +228,8 @@ class VirtioNet(VirtioDevice):
     def close(self) -> None:
         for pair in range(self.pairs):
             self._set_watch(pair, False)
-        self.tap.close()
         self.link_up = False
+        self.watcher.call_soon(self.tap.close)  # after the loop has forgotten the descriptors
 
     def _set_offload(self, offload: Offload) -> None:
         try:
@@ -295,8 +295,11 @@ class VirtioNet(VirtioDevice):
             for _ in range(RX_BATCH):
                 if not self.link_up:
                     return
-                if state.frame is None and not self._read_frame(pair, state, queue):
-                    return
+                if state.frame is None:
+                    if not self._read_frame(pair, state, queue):
+                        return
+                    if state.frame is None:
+                        continue  # the frame was dropped
                 if not self._deliver(pair, state, queue):
                     self._set_watch(pair, False)
                     if state.frame is not None and state.frame.rest and queue.enable_notification():
@@ -325,26 +328,27 @@ class VirtioNet(VirtioDevice):
         chains: list[DescriptorChain] = []
         views: list[memoryview] = []
         capacity = 0
-        while not chains or (merge and capacity < state.expected):
-            chain = self._take_chain(state, queue)
-            if chain is None:
+        while True:
+            while not chains or (merge and capacity < state.expected):
+                chain = self._take_chain(state, queue)
+                if chain is None:
+                    break
+                chain_views = chain.writable.views()
+                if len(chain_views) >= IOV_MAX:
+                    self.stats.rx_bad_buffers += 1
+                    queue.push(chain.head, 0)
+                    continue
+                if len(views) + len(chain_views) >= IOV_MAX:
+                    state.spare.appendleft(chain)
+                    break
+                chains.append(chain)
+                views.extend(chain_views)
+                capacity += chain.writable.length
+            if chains:
                 break
-            chain_views = chain.writable.views()
-            if len(chain_views) >= IOV_MAX:
-                self.stats.rx_bad_buffers += 1
-                queue.push(chain.head, 0)
-                continue
-            if len(views) + len(chain_views) >= IOV_MAX:
-                state.spare.appendleft(chain)
-                break
-            chains.append(chain)
-            views.extend(chain_views)
-            capacity += chain.writable.length
-        if not chains:
             self._set_watch(pair, False)
-            if queue.enable_notification():
-                return self._read_frame(pair, state, queue)
-            return False  # no buffers: the driver's notification resumes
+            if not queue.enable_notification():
+                return False  # no buffers: the driver's notification resumes
         scratch = memoryview(state.scratch)
         try:
             size = os.readv(self.tap.fds[pair], [*views, scratch])

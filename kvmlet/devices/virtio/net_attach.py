@@ -34,11 +34,11 @@ def open_tap(net: NetConfig, label: str) -> Tap:
 def attach_network(config: MachineConfig, devices: VirtioDevices) -> None:
     """Add a virtio-net device per ``config.nets`` entry, then the vsock device, to ``devices``."""
     watcher = LoopFdWatcher(devices.events)
-    seed = vm_seed()
     for index, net in enumerate(config.nets):
         tap = open_tap(net, f"--net tap={net.tap}")
         try:
-            device = VirtioNet(tap, net.mac_bytes(index, seed), watcher, offloads=net.offload, mtu=net.mtu,
+            mac = net.mac_bytes(index, f"{vm_seed()}/{tap.name}")
+            device = VirtioNet(tap, mac, watcher, offloads=net.offload, mtu=net.mtu,
                                name=f"virtio-net{index}",
                                rx_rate_limiter=make_rate_limiter(net.rx_rate_limit),
                                tx_rate_limiter=make_rate_limiter(net.tx_rate_limit))

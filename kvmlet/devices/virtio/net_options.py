@@ -5,7 +5,7 @@
 first item is the TAP: ``--net auto``). ``tap=auto`` creates a new TAP ``kvmlet<N>`` that goes away with the
 VM; a name attaches to that TAP (creating it if missing). ``mtu``, ``address`` and ``bridge`` configure the
 host side of the TAP. Without ``mac`` the interface gets a locally administered address derived from the
-VM (host name, process) and the interface's position.
+VM (host name, process, TAP name) and the interface's position.
 
 ``--vsock cid=N,uds=PATH``: the guest's context ID (3 or more) and the Unix socket the host connects to
 (``CONNECT <port>\\n``); guest connections to host port P go to ``PATH_P``.
@@ -56,7 +56,8 @@ def default_mac(vm_seed: str, index: int) -> bytes:
 
 
 def vm_seed() -> str:
-    """What identifies this VM for derived values: the host and the VMM process."""
+    """What identifies this VM for derived values: the host and the VMM process (callers add the TAP's
+    name, unique on the host while the VM runs)."""
     return f"{socket.gethostname()}/{os.getpid()}"
 
 

@@ -36,7 +36,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvmlet.devices.virtio.constants import DeviceType
+from kvmlet.devices.virtio.constants import DeviceType, feature_bit
 from kvmlet.devices.virtio.device import VirtioDevice
 from kvmlet.devices.virtio.fdwatch import FdWatcher
 from kvmlet.devices.virtio.queue import DescriptorChain
@@ -54,6 +54,7 @@ from kvmlet.devices.virtio.vsock_packet import (
 )
 
 RX_QUEUE, TX_QUEUE, EVENT_QUEUE = 0, 1, 2
+VIRTIO_VSOCK_F_STREAM = 0      # named in virtio 1.3; without it (1.2, Linux) streams are implied
 QUEUE_SIZE = 256
 CONNECT_TIMEOUT = 2.0            # seconds the guest has to answer a host-initiated REQUEST
 FIRST_LOCAL_PORT = 1 << 30       # local ports for host-initiated connections
@@ -112,7 +113,7 @@ class VirtioVsock(VirtioDevice):
 
     # -- configuration -----------------------------------------------------------------------------------
     def specific_features(self) -> int:
-        return 0  # stream sockets only (no VIRTIO_VSOCK_F_SEQPACKET)
+        return feature_bit(VIRTIO_VSOCK_F_STREAM)  # stream sockets only (no VIRTIO_VSOCK_F_SEQPACKET)
 
     def config_space(self) -> bytes:
         return self.guest_cid.to_bytes(8, "little")
@@ -131,7 +132,7 @@ class VirtioVsock(VirtioDevice):
                 self._drop_client(client)
             if self._listener.fileno() >= 0:
                 self.watcher.unwatch_read(self._listener.fileno())
-                self._listener.close()
+                self.watcher.call_soon(self._listener.close)
                 try:
                     os.unlink(self.uds_path)
                 except OSError:
@@ -439,7 +440,7 @@ class VirtioVsock(VirtioDevice):
             conn.writing = False
             self.watcher.unwatch_write(conn.fd)
         conn.open = False
-        conn.sock.close()
+        self.watcher.call_soon(conn.sock.close)
         if self._tables.connections.get(conn.key) is conn:
             del self._tables.connections[conn.key]
 
@@ -462,7 +463,7 @@ class VirtioVsock(VirtioDevice):
     def _drop_client(self, client: HostClient) -> None:
         self._clients.discard(client)
         self.watcher.unwatch_read(client.fd)
-        client.sock.close()
+        self.watcher.call_soon(client.sock.close)
 
     def _client_readable(self, client: HostClient) -> None:
         """Read the ``CONNECT <port>`` line (and nothing after it) from a new host client."""
@@ -470,22 +471,24 @@ class VirtioVsock(VirtioDevice):
             if client not in self._clients:
                 return
             try:
-                peek = client.sock.recv(MAX_CONNECT_LINE, socket.MSG_PEEK)
+                peek = client.sock.recv(MAX_CONNECT_LINE - len(client.line), socket.MSG_PEEK)
             except BlockingIOError:
                 return
             except OSError:
                 peek = b""
             end = peek.find(b"\n")
             if end < 0:
-                if not peek or len(peek) >= MAX_CONNECT_LINE:
+                if peek:  # all of it belongs to the line: take it (nothing is left to wake us up again)
+                    client.line += client.sock.recv(len(peek))
+                if not peek or len(client.line) >= MAX_CONNECT_LINE:
                     self._drop_client(client)  # closed, or not a CONNECT line
                 return
-            client.sock.recv(end + 1)
-            port = _parse_connect(peek[:end])
+            client.sock.recv(end + 1)  # the line and nothing after it: the rest is for the guest
+            port = _parse_connect(bytes(client.line) + peek[:end])
             self._clients.discard(client)
             self.watcher.unwatch_read(client.fd)
             if port is None or len(self._tables.connections) >= MAX_CONNECTIONS:
-                client.sock.close()
+                self.watcher.call_soon(client.sock.close)
                 return
             conn = Connection(client.sock, local_port=self._allocate_port(port), peer_port=port,
                               state=ConnState.REQUESTED)

@@ -62,6 +62,7 @@ class HostClient:
     """A host client that has connected to the listener and not yet sent its CONNECT line."""
 
     sock: socket.socket
+    line: bytearray = field(default_factory=bytearray)   # the part of the line read so far
     fd: int = -1
 
     def __post_init__(self) -> None:

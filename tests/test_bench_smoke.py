@@ -1,0 +1,98 @@
+"""The benchmark harness cannot rot: every benchmark runs once at tiny sizes (python -m bench --tiny).
+
+Nothing here asserts a time. kvmlet's half always runs; QEMU's half runs when qemu-system-x86_64 is
+installed and is skipped, with the reason, when it is not.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import tools
+from bench.cli import main as bench_main
+from bench.registry import BENCHMARKS
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _run_bench(tmp_path: Path, *options: str) -> dict[str, Any]:
+    out = tmp_path / "results.json"
+    code = bench_main(["--tiny", "--quiet", "--json", str(out), *options])
+    data: dict[str, Any] = json.loads(out.read_text())
+    assert code == 0, data["errors"]
+    return data
+
+
+def _by_name(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {result["name"]: result for result in data["results"]}
+
+
+def test_every_benchmark_runs_on_kvmlet(guest_elf: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    data = _run_bench(tmp_path, "--no-qemu")
+    results = _by_name(data)
+    assert set(results) == set(BENCHMARKS)
+    for name, result in results.items():
+        assert result["rows"], name
+        for row in result["rows"]:
+            assert row["kvmlet"]["values"], (name, row["metric"])
+            assert all(value >= 0 for value in row["kvmlet"]["values"]), (name, row["metric"])
+    cold = {row["metric"]: row for row in results["cold-start"]["rows"]}
+    assert cold["first guest byte, kvmlet 64-bit entry"]["kvmlet"]["median"] > 0
+    assert any(metric.strip().startswith("step: interpreter start") for metric in cold)
+    printed = capsys.readouterr().out
+    assert "A/B (pairs)" in printed and "first guest byte" in printed and f"results: {tmp_path}" in printed
+
+
+def test_every_benchmark_runs_against_qemu(guest_elf: Path, tmp_path: Path) -> None:
+    if shutil.which(tools.QEMU_BINARY) is None:
+        pytest.skip(f"{tools.QEMU_BINARY} not found: the QEMU half of the benchmarks is not checked "
+                    "(apt-get install qemu-system-x86)")
+    results = _by_name(_run_bench(tmp_path))
+    for name in ("cold-start", "exits", "memory", "density"):
+        compared = [row for row in results[name]["rows"] if row["baseline"] is not None]
+        assert compared, name
+        for row in compared:
+            assert row["baseline"]["side"] == "qemu" and row["baseline"]["values"], (name, row["metric"])
+            assert row["ratio_median"] is not None and row["ratio_median"] > 0, (name, row["metric"])
+
+
+def test_missing_qemu_is_named_with_how_to_get_it(guest_elf: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    real_which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda name: None if name == tools.QEMU_BINARY else real_which(name))
+    data = _run_bench(tmp_path, "memory")
+    assert any("qemu-system-x86_64 not found" in message and "apt-get install qemu-system-x86" in message
+               for message in data["missing"])
+    assert "apt-get install qemu-system-x86" in capsys.readouterr().err
+    result = _by_name(data)["memory"]
+    assert result["skipped"] and all(row["baseline"] is None for row in result["rows"])
+
+
+def test_results_file_renders_again_and_plots(tmp_path: Path, guest_elf: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    data = _run_bench(tmp_path, "--no-qemu", "cold-start")
+    capsys.readouterr()
+    assert bench_main(["--from-json", str(tmp_path / "results.json"), "--markdown"]) == 0
+    printed = capsys.readouterr().out
+    assert "| cold-start | first guest byte, kvmlet 64-bit entry |" in printed
+    assert data["results"][0]["name"] == "cold-start"
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib (pip install -e '.[bench]')")
+    plots = tmp_path / "plots"
+    assert bench_main(["--from-json", str(tmp_path / "results.json"), "--plot", "--plot-dir", str(plots)]) == 0
+    assert (plots / "cold-start.png").stat().st_size > 0
+
+
+def test_kvmlet_bench_and_python_m_bench_from_the_repo_root() -> None:
+    for command in ([sys.executable, "-m", "bench", "--list"], [sys.executable, "-m", "kvmlet", "bench", "--list"]):
+        listed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert listed.returncode == 0, listed.stderr
+        assert all(name in listed.stdout for name in BENCHMARKS)
