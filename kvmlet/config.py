@@ -16,23 +16,25 @@ if TYPE_CHECKING:
 
 DEFAULT_MEMORY = 128 * MiB
 DEFAULT_CMDLINE = "console=ttyS0 earlyprintk=serial,ttyS0 reboot=k panic=1"
-MAX_VCPUS_SUPPORTED = 254  # MP table APIC IDs (one is the IOAPIC's)
+MAX_VCPUS_SUPPORTED = 40  # what kvmlet's MP table fits in the 1 KiB EBDA (kvmlet.boot.mptable.MAX_CPUS)
 
 
 class ConfigError(ValueError):
     """A configuration value that cannot work, with what to change."""
 
 
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
-_UNITS = {"": MiB, "k": 1 << 10, "m": MiB, "g": 1 << 30, "t": 1 << 40}
+_SIZE = re.compile(r"^\s*(\d+)\s*(?:([kmgt])(?:i?b)?|(b))?\s*$", re.IGNORECASE)
+_UNITS = {"k": 1 << 10, "m": MiB, "g": 1 << 30, "t": 1 << 40}
 
 
 def parse_size(text: str) -> int:
-    """'128M', '1G', '512' (MiB when no unit) -> bytes."""
+    """'128M', '1G', '2GiB', '512' (MiB when no unit), '65536b' (bytes) -> bytes."""
     match = _SIZE.match(text)
     if not match:
         raise ConfigError(f"memory size {text!r} is not a size like 128M or 2G")
-    return int(match.group(1)) * _UNITS[match.group(2).lower()]
+    if match.group(3):
+        return int(match.group(1))
+    return int(match.group(1)) * (_UNITS[match.group(2).lower()] if match.group(2) else MiB)
 
 
 def host_memory_bytes() -> int:
@@ -59,9 +61,11 @@ class MachineConfig:
     def validate(self, max_vcpus: int | None = None) -> None:
         if self.vcpus < 1:
             raise ConfigError(f"--vcpus must be at least 1 (got {self.vcpus})")
-        limit = min(max_vcpus or MAX_VCPUS_SUPPORTED, MAX_VCPUS_SUPPORTED)
-        if self.vcpus > limit:
-            raise ConfigError(f"--vcpus {self.vcpus} is more than this host's KVM allows ({limit})")
+        if self.vcpus > MAX_VCPUS_SUPPORTED:
+            raise ConfigError(f"--vcpus {self.vcpus}: kvmlet supports at most {MAX_VCPUS_SUPPORTED} vCPUs "
+                              "(the MP table it writes lives in the 1 KiB EBDA)")
+        if max_vcpus is not None and self.vcpus > max_vcpus:
+            raise ConfigError(f"--vcpus {self.vcpus} is more than this host's KVM allows ({max_vcpus})")
         if self.memory <= 0:
             raise ConfigError("--memory must be larger than zero")
         if self.memory % 4096:

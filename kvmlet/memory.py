@@ -83,6 +83,16 @@ def _host_address(mapping: mmap.mmap) -> int:
     return address
 
 
+def _shmem_thp_possible() -> bool:
+    """Whether the kernel may back memfd (shmem) memory with huge pages after MADV_HUGEPAGE."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/shmem_enabled") as f:
+            setting = f.read()
+    except OSError:
+        return False
+    return "[never]" not in setting and "[deny]" not in setting
+
+
 class GuestMemory:
     """Guest RAM: memfd-backed regions with bounds-checked access by guest-physical address."""
 
@@ -107,7 +117,7 @@ class GuestMemory:
                 if hugepages and hasattr(mmap, "MADV_HUGEPAGE"):
                     try:
                         mapping.madvise(mmap.MADV_HUGEPAGE)
-                        self.hugepages = True
+                        self.hugepages = _shmem_thp_possible()
                     except OSError:
                         pass
                 region = MemoryRegion(gpa=gpa, size=size, mapping=mapping, fd=self.fd,
@@ -220,15 +230,26 @@ class GuestMemory:
 
     # -- lifetime -----------------------------------------------------------------------------------
     def close(self) -> None:
-        """Unmap every region and close the memfd. Views handed out must have been released."""
+        """Unmap every region and close the memfd.
+
+        A region still viewed by someone stays mapped until that view is gone (unmapping it would leave the
+        view dangling); the memfd is closed regardless and GuestMemoryError says which regions were kept.
+        """
+        kept = []
         for region in self.regions:
             region.view.release()
-            region.mapping.close()
+            try:
+                region.mapping.close()
+            except BufferError:
+                kept.append(f"{region.gpa:#x}+{region.size:#x}")
         self.regions = []
         self._starts = []
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        if kept:
+            raise GuestMemoryError(f"guest memory {', '.join(kept)} is still in use (an open view); "
+                                   "it is unmapped when the view is released")
 
     def __enter__(self) -> GuestMemory:
         return self

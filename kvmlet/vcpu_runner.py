@@ -30,8 +30,9 @@ _MASKS = tuple((1 << (8 * size)) - 1 for size in range(9))  # by access size in 
 def install_kick_handler() -> None:
     """Make the kick signal interrupt KVM_RUN without killing the process (main thread only)."""
     if threading.current_thread() is not threading.main_thread():
-        if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None):
-            raise RuntimeError("kvmlet must first be set up from the main thread (signal handler)")
+        if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, signal.SIG_IGN, None):
+            raise RuntimeError(f"the first kvmlet VM in a process must be built on the main thread: it installs "
+                               f"the {KICK_SIGNAL.name} handler that stops vCPUs")
         return
     if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, signal.SIG_IGN, None):
         signal.signal(KICK_SIGNAL, lambda signum, frame: None)
@@ -42,7 +43,7 @@ def install_kick_handler() -> None:
 class VcpuStop:
     """Why a vCPU stopped running the guest."""
 
-    kind: str            # "exit", "reset", "shutdown", "internal-error", "fail-entry", "error", "stopped"
+    kind: str  # "reset", "shutdown", "triple-fault", "internal-error", "fail-entry", "error", "stopped"
     message: str
     status: int = 0
 
@@ -80,9 +81,11 @@ class VcpuThread:
         self._thread.start()
 
     def _kick(self) -> None:
+        if self.vcpu.fd < 0 or self.stop is not None:  # closed, or the loop has ended: nothing to kick
+            return
         self.vcpu.set_immediate_exit(True)
         ident = self._thread.ident
-        if ident is not None and self._thread.is_alive():
+        if ident is not None and self._thread.is_alive() and self.stop is None:
             try:
                 signal.pthread_kill(ident, KICK_SIGNAL)
             except ProcessLookupError:
@@ -252,9 +255,9 @@ class VcpuThread:
         if reason in (c.ExitReason.IRQ_WINDOW_OPEN, c.ExitReason.IOAPIC_EOI):
             return None
         if reason == c.ExitReason.HLT:
-            return VcpuStop("shutdown", f"vCPU {vcpu.id} halted with no interrupt controller to wake it")
+            return VcpuStop("error", f"vCPU {vcpu.id} halted with no interrupt controller to wake it")
         if reason == c.ExitReason.SHUTDOWN:
-            return VcpuStop("shutdown", f"vCPU {vcpu.id}: the guest triple-faulted (shutdown)")
+            return VcpuStop("triple-fault", f"vCPU {vcpu.id}: the guest triple-faulted (shutdown)")
         if reason == c.ExitReason.SYSTEM_EVENT:
             kind, _ = vcpu.system_event()
             if kind == c.SystemEvent.RESET:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -47,7 +48,8 @@ class VmState(enum.Enum):
 class StopKind(enum.Enum):
     GUEST_EXIT = "guest-exit"          # the guest wrote its status to the debug-exit port
     RESET = "reset"                    # i8042 reset or a reset system event
-    SHUTDOWN = "shutdown"              # triple fault, power off
+    SHUTDOWN = "shutdown"              # power off
+    TRIPLE_FAULT = "triple-fault"      # the guest crashed beyond its own exception handling
     INTERNAL_ERROR = "internal-error"  # KVM could not run or emulate the guest
     ERROR = "error"                    # a VMM failure
     STOPPED = "stopped"                # stopped by the user or the VMM
@@ -166,7 +168,7 @@ class Machine:
         supported = kvm.supported_cpuid()
         for index in range(config.vcpus):
             vcpu = vm.create_vcpu(index)
-            configure_vcpu(vcpu, supported, config.vcpus)
+            self.warnings.extend(configure_vcpu(vcpu, supported, config.vcpus))
             if index == 0:
                 set_boot_registers(vcpu, self.boot_info.cpu_state)
             self.vcpus.append(vcpu)
@@ -258,7 +260,11 @@ class Machine:
         self._exit_event.set()
 
     def _guest_exit(self, status: int) -> None:
-        self._set_exit(ExitStatus(StopKind.GUEST_EXIT, f"guest exited with status {status}", status))
+        if status > 255:  # a process exit status has 8 bits: never let 256 read as success
+            self._set_exit(ExitStatus(StopKind.GUEST_EXIT, f"guest exited with status {status} "
+                                      "(more than 255: reported as 255)", 255))
+        else:
+            self._set_exit(ExitStatus(StopKind.GUEST_EXIT, f"guest exited with status {status}", status))
         self._stop_vcpus_async()
 
     def _guest_reset(self) -> None:
@@ -267,6 +273,7 @@ class Machine:
 
     def _vcpu_stopped(self, stop: VcpuStop) -> None:
         kinds = {"reset": (StopKind.RESET, 0), "shutdown": (StopKind.SHUTDOWN, 0),
+                 "triple-fault": (StopKind.TRIPLE_FAULT, 3),
                  "internal-error": (StopKind.INTERNAL_ERROR, 2), "fail-entry": (StopKind.INTERNAL_ERROR, 2),
                  "error": (StopKind.ERROR, 1), "stopped": (StopKind.STOPPED, 130)}
         kind, code = kinds.get(stop.kind, (StopKind.ERROR, 1))
@@ -345,6 +352,8 @@ class Machine:
             thread.request_pause()
         for thread in self.threads:
             if not thread.wait_paused(timeout):
+                for other in self.threads:  # leave the VM running, not half paused
+                    other.resume()
                 raise MachineError(f"vCPU {thread.vcpu.id} did not pause within {timeout:g} s")
         self.state = VmState.PAUSED
 
@@ -371,34 +380,49 @@ class Machine:
         """Stop the VM and release every thread, fd and mapping it owns.
 
         ``wait=False``: the kernel's destruction of the VM (see :meth:`kvmlet.kvm.vm.Vm.close`) finishes
-        on a background thread after this returns, e.g. when many VMs are created one after another."""
+        on a background thread after this returns, e.g. when many VMs are created one after another.
+        Each step runs even when an earlier one fails; a vCPU thread that cannot be stopped keeps its
+        vCPU and guest memory mapped (unmapping them under it would crash the process), the rest is
+        released, and MachineError reports what went wrong."""
+        problems: list[str] = []
+
+        def attempt(step: str, action: Callable[[], object]) -> None:
+            try:
+                action()
+            except Exception as exc:
+                problems.append(f"{step}: {exc}")
+
         if self.state in (VmState.RUNNING, VmState.PAUSED):
-            self.stop()
+            attempt("stopping the vCPUs", self.stop)
         self.state = VmState.STOPPED
+        stuck = any(thread.alive for thread in self.threads)
         if self._console is not None:
-            self._console.close()
+            attempt("closing the console", self._console.close)
         if self.virtio is not None:
-            self.virtio.close()
+            attempt("closing the virtio devices", self.virtio.close)
             self.virtio = None
-        self.events.stop()
-        if self.vm is not None:
+        attempt("stopping the event loop", self.events.stop)
+        if self.vm is not None and not stuck:
             for line in self._interrupts:
                 try:
                     self.vm.unregister_irqfd(line.fd, line.gsi)
                 except OSError:
                     pass
-            self.vm.close(wait)
+            attempt("closing the VM", lambda: self.vm.close(wait) if self.vm is not None else None)
             self.vm = None
         for line in self._interrupts:
             line.close()
         self._interrupts = []
-        if self.memory is not None:
-            self.memory.close()
+        if self.memory is not None and not stuck:
+            attempt("unmapping guest memory", self.memory.close)
             self.memory = None
         if self.kvm is not None:
-            self.kvm.close()
+            attempt("closing /dev/kvm", self.kvm.close)
             self.kvm = None
-        self.vcpus = []
+        if not stuck:
+            self.vcpus = []
+        if problems:
+            raise MachineError("closing the VM: " + "; ".join(problems))
 
     def __enter__(self) -> Machine:
         return self

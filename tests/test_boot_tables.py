@@ -319,3 +319,10 @@ def test_pvh_start_info() -> None:
     assert area[0xC40:0xC60] == struct.pack("<QQQQ", 0x3F00000, 0x1234, 0, 0)
     no_initrd = build_start_info(cmdline_addr=0x20000, memmap=e820, initrd=None)
     assert struct.unpack_from("<IQ", no_initrd, 12) == (0, 0)
+
+
+def test_config_vcpu_limit_matches_the_mp_table() -> None:
+    from kvmlet.boot.mptable import MAX_CPUS
+    from kvmlet.config import MAX_VCPUS_SUPPORTED
+
+    assert MAX_VCPUS_SUPPORTED == MAX_CPUS

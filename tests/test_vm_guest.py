@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -126,3 +127,27 @@ def test_emulation_failure_in_ram_shows_the_instruction_bytes(run_guest: RunGues
         return
     assert run.status.kind is StopKind.INTERNAL_ERROR, run.status
     assert "instruction bytes: f0 48 0f c7" in run.status.message  # lock cmpxchg16b
+
+
+def test_a_guest_that_crashes_does_not_exit_0(tmp_path: Path) -> None:
+    """ud2 with no IDT: #UD, #DF, triple fault. A crash must never read as success."""
+    from kvmlet.config import MachineConfig
+    from tests.support.boot_images import Seg, make_elf
+
+    image = tmp_path / "crash.elf"
+    image.write_bytes(make_elf([Seg(paddr=0x100000, data=b"\x0f\x0b")], entry=0x100000))
+    machine = Machine(MachineConfig(kernel=image, cmdline="", memory=32 << 20), console=BufferConsole()).build()
+    try:
+        status = machine.run(timeout=30)
+    finally:
+        machine.close()
+    assert status.kind is StopKind.TRIPLE_FAULT
+    assert status.code == 3 and "triple-faulted" in status.message
+
+
+def test_guest_status_above_255_is_not_success(guest_elf: Path) -> None:
+    from kvmlet.config import MachineConfig
+
+    machine = Machine(MachineConfig(kernel=guest_elf), console=BufferConsole())
+    machine._guest_exit(256)  # what a 16-bit write of 0x100 to port 0x501 reports
+    assert machine.exit_status is not None and machine.exit_status.code == 255

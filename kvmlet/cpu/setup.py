@@ -69,8 +69,18 @@ def set_local_interrupts(vcpu: Vcpu) -> None:
     vcpu.set_lapic(lapic)
 
 
-def configure_vcpu(vcpu: Vcpu, supported_cpuid: Sequence[CpuidEntry], vcpu_count: int) -> None:
-    """CPUID, MSRs and LAPIC for any vCPU (boot CPU or AP)."""
+def configure_vcpu(vcpu: Vcpu, supported_cpuid: Sequence[CpuidEntry], vcpu_count: int) -> list[str]:
+    """CPUID, MSRs and LAPIC for any vCPU (boot CPU or AP); returns warnings (MSRs KVM refused)."""
     vcpu.set_cpuid(vcpu_cpuid(supported_cpuid, vcpu.id, vcpu_count))
-    vcpu.set_msrs(boot_msrs())
+    warnings: list[str] = []
+    remaining = boot_msrs()
+    while remaining:  # KVM_SET_MSRS stops at the first MSR it refuses: name it, set the rest
+        done = vcpu.set_msrs(remaining)
+        items = list(remaining.items())
+        if done >= len(items):
+            break
+        refused, _ = items[done]
+        warnings.append(f"vCPU {vcpu.id}: KVM refused boot MSR {refused:#x}; the guest sees its reset value")
+        remaining = dict(items[done + 1:])
     set_local_interrupts(vcpu)
+    return warnings

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import select
+import stat
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -46,12 +47,24 @@ def warn(message: str) -> None:
     logging.getLogger("kvmlet.console").warning("%s", message)
 
 
-def _write_all(fd: int, data: bytes | memoryview, stall_timeout: float) -> None:
-    """Write everything, waiting (at most ``stall_timeout`` per stall) if ``fd`` is non-blocking and full."""
+PIPE_BUF = 4096  # writes up to this size never block once poll says the fd is writable
+
+
+def _write_all(fd: int, data: bytes | memoryview, stall_timeout: float, poll_first: bool = False) -> None:
+    """Write everything, waiting at most ``stall_timeout`` per stall.
+
+    A non-blocking fd stalls with EAGAIN. A blocking pipe or terminal (``poll_first``) is polled before each
+    write of at most PIPE_BUF bytes, so a reader that stops reading can never block the calling vCPU thread.
+    """
     view = memoryview(data)
     while view:
+        chunk = view[:PIPE_BUF] if poll_first else view
+        if poll_first:
+            _, writable, _ = select.select([], [fd], [], stall_timeout)
+            if not writable:
+                raise TimeoutError(errno.ETIMEDOUT, "output stalled")
         try:
-            written = os.write(fd, view)
+            written = os.write(fd, chunk)
         except BlockingIOError:
             _, writable, _ = select.select([], [fd], [], stall_timeout)
             if not writable:
@@ -185,6 +198,10 @@ class StdioConsole(Console):
         self._closed = False
         self._stalled = False
         self.dropped_bytes = 0
+        try:
+            self._poll_before_write = not stat.S_ISREG(os.fstat(stdout_fd).st_mode)
+        except OSError:
+            self._poll_before_write = True
 
     @property
     def is_tty(self) -> bool:
@@ -193,7 +210,8 @@ class StdioConsole(Console):
     def write(self, data: bytes) -> None:
         try:
             # once stdout has stalled, later output is dropped at once until it drains
-            _write_all(self._stdout_fd, data, 0.0 if self._stalled else WRITE_STALL_TIMEOUT)
+            _write_all(self._stdout_fd, data, 0.0 if self._stalled else WRITE_STALL_TIMEOUT,
+                       self._poll_before_write)
             self._stalled = False
         except OSError as error:
             self._stalled = isinstance(error, TimeoutError)
