@@ -1,0 +1,54 @@
+"""How each VMM is started for a benchmark: kvmlet (64-bit or PVH entry) and QEMU microvm (PVH).
+
+Both boot the same test-guest ELF with the same command line and memory size, with the serial console on
+the process's stdout. kvmlet runs as ``python -m kvmlet run`` from the source tree with bytecode caching on
+(an installed package has its .pyc files; PYTHONDONTWRITEBYTECODE is dropped for the child so the warm-up
+run writes them once).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+QEMU_CPU = "qemu64"   # -cpu host fails on PVM hosts (it cannot set MSR 0x10a)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One VMM process to start: its argv, environment and how it reports the guest's exit status."""
+
+    side: str                       # a label: "kvmlet", "kvmlet-pvh", "qemu"
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: Path = REPO
+    qemu_exit_code: bool = False    # QEMU exits with (status << 1) | 1
+
+    def expected_returncode(self, guest_status: int = 0) -> int:
+        return (guest_status << 1) | 1 if self.qemu_exit_code else guest_status
+
+
+def kvmlet_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env.update(extra or {})
+    return env
+
+
+def kvmlet_launch(guest: Path, cmdline: str, memory_mib: int, *, boot: str = "linux64",
+                  python_flags: tuple[str, ...] = (), extra_args: tuple[str, ...] = (),
+                  side: str | None = None, env: dict[str, str] | None = None) -> Launch:
+    argv = [sys.executable, *python_flags, "-m", "kvmlet", "run", "--kernel", str(guest), "--cmdline", cmdline,
+            "--memory", f"{memory_mib}M", "--boot", boot, "--console", "stdio", *extra_args]
+    label = side or ("kvmlet" if boot == "linux64" else f"kvmlet-{boot}")
+    return Launch(label, argv, kvmlet_env(env))
+
+
+def qemu_launch(qemu: str, guest: Path, cmdline: str, memory_mib: int, *, side: str = "qemu") -> Launch:
+    argv = [qemu, "-M", "microvm", "-accel", "kvm", "-cpu", QEMU_CPU, "-m", str(memory_mib), "-nographic",
+            "-no-reboot", "-kernel", str(guest), "-append", cmdline,
+            "-device", "isa-debug-exit,iobase=0x501,iosize=2"]
+    return Launch(side, argv, dict(os.environ), qemu_exit_code=True)
