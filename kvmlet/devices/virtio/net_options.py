@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvmlet.config import ConfigError
-from kvmlet.devices.virtio.options import _amount, _boolean, _key_values
-from kvmlet.devices.virtio.ratelimit import RateLimiterConfig, RateLimitError, TokenBucketConfig
+from kvmlet.devices.virtio.options import _amount, _boolean, _key_values, bucket_pair
+from kvmlet.devices.virtio.ratelimit import RateLimiterConfig, RateLimitError
 from kvmlet.net.tap import AUTO_NAME, MAX_QUEUES, TapError, TapSettings, valid_ifname
 
 _RATE_KEYS = tuple(f"{side}-{kind}" for side in ("rx", "tx") for kind in ("bps", "bps-burst", "pps", "pps-burst"))
@@ -152,20 +152,7 @@ def _int(option: str, key: str, text: str) -> int:
 
 
 def _limits(option: str, side: str, values: dict[str, str], refill: int) -> RateLimiterConfig:
-    buckets: list[TokenBucketConfig | None] = []
-    for kind in ("bps", "pps"):
-        key = f"{side}-{kind}"
-        burst = _amount(option, f"{key}-burst", values[f"{key}-burst"]) if f"{key}-burst" in values else 0
-        if key in values:
-            size = _amount(option, key, values[key])
-            if size <= 0:
-                raise ConfigError(f"{option}: {key} must be positive")
-            buckets.append(TokenBucketConfig(size, refill, burst))
-        elif burst:
-            raise ConfigError(f"{option}: {key}-burst needs {key}")
-        else:
-            buckets.append(None)
-    return RateLimiterConfig(bandwidth=buckets[0], ops=buckets[1])
+    return bucket_pair(option, values, (f"{side}-bps", f"{side}-pps"), refill)
 
 
 def parse_net(spec: str) -> NetConfig:

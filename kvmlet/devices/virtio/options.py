@@ -115,12 +115,10 @@ def _key_values(option: str, spec: str, known: tuple[str, ...], bare_key: str | 
     return values
 
 
-def _rate_limit(option: str, values: dict[str, str]) -> RateLimiterConfig:
-    refill = _amount(option, "refill-ms", values["refill-ms"]) if "refill-ms" in values else 1000
-    if refill <= 0:
-        raise ConfigError(f"{option}: refill-ms must be positive")
+def bucket_pair(option: str, values: dict[str, str], keys: tuple[str, str], refill: int) -> RateLimiterConfig:
+    """A bandwidth and an operations bucket from ``<key>`` and ``<key>-burst`` values (either may be absent)."""
     buckets: list[TokenBucketConfig | None] = []
-    for key in ("bps", "iops"):
+    for key in keys:
         burst = _amount(option, f"{key}-burst", values[f"{key}-burst"]) if f"{key}-burst" in values else 0
         if key in values:
             size = _amount(option, key, values[key])
@@ -132,6 +130,13 @@ def _rate_limit(option: str, values: dict[str, str]) -> RateLimiterConfig:
         else:
             buckets.append(None)
     return RateLimiterConfig(bandwidth=buckets[0], ops=buckets[1])
+
+
+def _rate_limit(option: str, values: dict[str, str]) -> RateLimiterConfig:
+    refill = _amount(option, "refill-ms", values["refill-ms"]) if "refill-ms" in values else 1000
+    if refill <= 0:
+        raise ConfigError(f"{option}: refill-ms must be positive")
+    return bucket_pair(option, values, ("bps", "iops"), refill)
 
 
 def parse_drive(spec: str) -> DriveConfig:
