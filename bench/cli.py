@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--density-cap", type=int, help="most VMs per side in density (default 32)")
     parser.add_argument("--density-rounds", type=int, help="density runs per side (default 5)")
     parser.add_argument("--compute-loops", type=int, help="iterations of the compute loop (default 1e9)")
+    parser.add_argument("--blk-ops", type=int, help="random 4 KiB reads per blk run (default 20000)")
+    parser.add_argument("--blk-seq-mib", type=int, help="MiB read sequentially per blk run (default 512)")
+    parser.add_argument("--blk-image-mib", type=int, help="size of the blk image (default 256)")
+    parser.add_argument("--blk-direct-ops", type=int,
+                        help="random reads per blk run with O_DIRECT (default 10000; 0: no direct I/O rows)")
+    parser.add_argument("--net-frames", type=int, help="UDP frames the guest sends per net run (default 100000)")
     parser.add_argument("--no-qemu", action="store_true", help="run only kvmlet's half")
     parser.add_argument("--python-flags", default="",
                         help="interpreter flags for kvmlet's processes, e.g. '-S' (default: none)")
@@ -59,7 +65,9 @@ def sizes_from(args: argparse.Namespace) -> Sizes:
     for option, attribute in (("rounds", "rounds"), ("cold_rounds", "cold_rounds"), ("warmup", "warmup"),
                               ("exit_loops", "exit_loops"), ("vm_count", "vm_count"),
                               ("density_cap", "density_cap"), ("density_rounds", "density_rounds"),
-                              ("compute_loops", "compute_loops")):
+                              ("compute_loops", "compute_loops"), ("blk_ops", "blk_ops"),
+                              ("blk_seq_mib", "blk_seq_mib"), ("blk_image_mib", "blk_image_mib"),
+                              ("blk_direct_ops", "blk_direct_ops"), ("net_frames", "net_frames")):
         value = getattr(args, option)
         if value is not None:
             setattr(sizes, attribute, value)

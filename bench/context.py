@@ -30,11 +30,18 @@ class Sizes:
     density_keep_free_mib: int = 4096
     density_slowdown: float = 10.0  # stop when a start-up takes this many times the first
     compute_loops: int = 1_000_000_000
+    blk_image_mib: int = 256        # the raw image both VMMs read
+    blk_ops: int = 20_000           # random 4 KiB reads per run (depth 1 and depth 8)
+    blk_seq_mib: int = 512          # MiB read sequentially per run (wrapping over the image)
+    blk_direct_ops: int = 10_000    # the same with O_DIRECT (0: no direct I/O rows)
+    blk_direct_seq_mib: int = 256
+    net_frames: int = 100_000       # UDP frames the guest sends per run
 
     @classmethod
     def tiny(cls) -> Sizes:
         return cls(rounds=1, cold_rounds=1, warmup=0, exit_loops=2000, vm_count=3, memory_touch_mib=4,
-                   density_cap=2, compute_loops=10_000_000)
+                   density_cap=2, compute_loops=10_000_000, blk_image_mib=4, blk_ops=200, blk_seq_mib=4,
+                   blk_direct_ops=100, blk_direct_seq_mib=2, net_frames=2000)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -47,8 +47,15 @@ def kvmlet_launch(guest: Path, cmdline: str, memory_mib: int, *, boot: str = "li
     return Launch(label, argv, kvmlet_env(env))
 
 
-def qemu_launch(qemu: str, guest: Path, cmdline: str, memory_mib: int, *, side: str = "qemu") -> Launch:
-    argv = [qemu, "-M", "microvm", "-accel", "kvm", "-cpu", QEMU_CPU, "-m", str(memory_mib), "-nographic",
+# microvm with modern virtio-mmio devices announced on the kernel command line (virtio_mmio.device=...):
+# without acpi=off QEMU announces them only in the DSDT, and without force-legacy=false they are version 1.
+QEMU_VIRTIO_MACHINE = "microvm,acpi=off"
+QEMU_VIRTIO_ARGS = ("-global", "virtio-mmio.force-legacy=false")
+
+
+def qemu_launch(qemu: str, guest: Path, cmdline: str, memory_mib: int, *, side: str = "qemu",
+                machine: str = "microvm", extra_args: tuple[str, ...] = ()) -> Launch:
+    argv = [qemu, "-M", machine, "-accel", "kvm", "-cpu", QEMU_CPU, "-m", str(memory_mib), "-nographic",
             "-no-reboot", "-kernel", str(guest), "-append", cmdline,
-            "-device", "isa-debug-exit,iobase=0x501,iosize=2"]
+            "-device", "isa-debug-exit,iobase=0x501,iosize=2", *extra_args]
     return Launch(side, argv, dict(os.environ), qemu_exit_code=True)

@@ -197,14 +197,17 @@ class GuestMemory:
     def read_u64(self, gpa: int) -> int:
         return int(_U64.unpack(self.view(gpa, 8))[0])
 
+    # Stores go through a typed memoryview: one store of the field's width, so a guest polling the field
+    # never sees a torn or zeroed value (struct.pack_into clears the field before writing it). x86 is
+    # little-endian, the memoryview's native order.
     def write_u16(self, gpa: int, value: int) -> None:
-        _U16.pack_into(self.view(gpa, 2), 0, value)
+        self.view(gpa, 2).cast("H")[0] = value
 
     def write_u32(self, gpa: int, value: int) -> None:
-        _U32.pack_into(self.view(gpa, 4), 0, value)
+        self.view(gpa, 4).cast("I")[0] = value
 
     def write_u64(self, gpa: int, value: int) -> None:
-        _U64.pack_into(self.view(gpa, 8), 0, value)
+        self.view(gpa, 8).cast("Q")[0] = value
 
     def read_cstring(self, gpa: int, max_length: int) -> bytes:
         """Bytes at ``gpa`` up to a NUL (exclusive), at most ``max_length``, clipped to the region."""

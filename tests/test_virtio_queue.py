@@ -4,20 +4,25 @@ malformed one failing only its own request."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
+from kvmlet.devices.virtio.constants import DeviceType
+from kvmlet.devices.virtio.device import VirtioDevice
 from kvmlet.devices.virtio.queue import (
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
+    VIRTQ_USED_F_NO_NOTIFY,
     Buffer,
     BufferList,
+    DescriptorChain,
     RingError,
     Virtqueue,
     need_event,
+    store_u16,
 )
 from kvmlet.memory import GuestMemory
 from tests.support.virtq import DriverRing
@@ -339,3 +344,71 @@ def test_undo_pop_and_index_wrap(memory: GuestMemory) -> None:
     queue.undo_pop()
     got = [c.head for c in iter(queue.pop, None)]
     assert got == heads and queue.next_avail == 1
+
+
+class _Recorder(VirtioDevice):
+    """A device whose requests record the used ring's flags while the device drains its queue."""
+
+    device_type = DeviceType.ENTROPY
+
+    def __init__(self, used_flags: Callable[[], int], stop_at: int | None = None) -> None:
+        super().__init__([256], "recorder")
+        self.used_flags = used_flags
+        self.stop_at = stop_at
+        self.seen: list[int] = []
+
+    def specific_features(self) -> int:
+        return 0
+
+    def process_queue(self, index: int) -> None:
+        raise AssertionError("not used")
+
+    def handle(self, queue: Virtqueue, chain: DescriptorChain) -> bool:
+        self.seen.append(self.used_flags())
+        if len(self.seen) == self.stop_at:
+            queue.undo_pop()
+            return False
+        queue.push(chain.head, 0)
+        return True
+
+
+@pytest.mark.parametrize("stop_at", [None, 2])
+def test_no_notify_while_a_device_drains_and_cleared_when_it_stops(memory: GuestMemory,
+                                                                   stop_at: int | None) -> None:
+    ring = DriverRing(memory)
+    queue = _queue(memory, ring)
+    buf = ring.buffer(4)
+    ring.publish(*[ring.add_chain([(*buf, True)]) for _ in range(3)])
+    device = _Recorder(lambda: memory.read_u16(ring.used), stop_at)
+    device.drain_queue(queue, lambda chain: device.handle(queue, chain))
+    assert device.seen == [VIRTQ_USED_F_NO_NOTIFY] * (stop_at or 3)
+    assert memory.read_u16(ring.used) == 0          # notifications are on again, also after an early stop
+    assert len(ring.take_used()) == (3 if stop_at is None else stop_at - 1)
+
+
+def test_no_notify_flag_is_left_alone_with_event_idx(memory: GuestMemory) -> None:
+    ring = DriverRing(memory)
+    queue = _queue(memory, ring, event_idx=True)
+    buf = ring.buffer(4)
+    ring.publish(ring.add_chain([(*buf, True)]))
+    device = _Recorder(lambda: memory.read_u16(ring.used))
+    device.drain_queue(queue, lambda chain: device.handle(queue, chain))
+    assert device.seen == [0] and memory.read_u16(ring.used) == 0
+    assert ring.avail_event() == 1                  # EVENT_IDX's own suppression: avail_event
+
+
+def test_disable_then_enable_notification_sees_a_chain_added_meanwhile(memory: GuestMemory) -> None:
+    ring = DriverRing(memory)
+    queue = _queue(memory, ring)
+    queue.disable_notification()
+    assert memory.read_u16(ring.used) == VIRTQ_USED_F_NO_NOTIFY
+    ring.publish(ring.add_chain([(*ring.buffer(4), True)]))   # the driver saw NO_NOTIFY: no notification
+    assert queue.enable_notification()
+    assert memory.read_u16(ring.used) == 0
+
+
+def test_used_index_store_writes_only_its_two_bytes(memory: GuestMemory) -> None:
+    memory.write(0x100, b"\xaa" * 8)
+    with memory.view(0x100, 8) as view:
+        store_u16(view, 2, 0x1234)
+    assert memory.read(0x100, 8) == b"\xaa\xaa\x34\x12" + b"\xaa" * 4

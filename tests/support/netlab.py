@@ -88,7 +88,7 @@ while True:
 
 @dataclass
 class PeerNetwork:
-    """A bridge in the root namespace with a veth into a namespace where a UDP echo server runs."""
+    """A bridge in the root namespace with a veth into a namespace where a UDP server runs."""
 
     bridge: str
     namespace: str
@@ -96,10 +96,14 @@ class PeerNetwork:
     peer_ip: str = PEER_IP
     guest_ip: str = GUEST_IP
     udp_port: int = 7777
+    server: subprocess.Popen[str] | None = None   # its stdin is a pipe when peer_network(stdin=True)
 
 
 @contextlib.contextmanager
-def peer_network(udp_port: int = 7777) -> Iterator[PeerNetwork]:
+def peer_network(udp_port: int = 7777, *, server_program: str = ECHO_SERVER,
+                 stdin: bool = False) -> Iterator[PeerNetwork]:
+    """The network, with ``server_program`` (Python source run with the peer address and the port as
+    arguments, printing ``READY`` once it listens; by default the UDP echo server) in the namespace."""
     suffix = secrets.token_hex(3)
     net = PeerNetwork(bridge=f"kvbr{suffix}", namespace=f"kvns{suffix}", veth=f"kvve{suffix}",
                       udp_port=udp_port)
@@ -117,17 +121,22 @@ def peer_network(udp_port: int = 7777) -> Iterator[PeerNetwork]:
         run("ip", "-n", net.namespace, "addr", "add", f"{net.peer_ip}/{PREFIX}", "dev", peer)
         run("ip", "-n", net.namespace, "link", "set", peer, "up")
         run("ip", "-n", net.namespace, "link", "set", "lo", "up")
-        server = subprocess.Popen(["ip", "netns", "exec", net.namespace, sys.executable, "-c", ECHO_SERVER,
-                                   net.peer_ip, str(udp_port)], stdout=subprocess.PIPE, text=True)
+        server = subprocess.Popen(["ip", "netns", "exec", net.namespace, sys.executable, "-c", server_program,
+                                   net.peer_ip, str(udp_port)], stdout=subprocess.PIPE,
+                                  stdin=subprocess.PIPE if stdin else None, text=True)
+        net.server = server
         assert server.stdout is not None
         ready, _, _ = select.select([server.stdout], [], [], 10)
         if not ready or server.stdout.readline().strip() != "READY":
-            raise RuntimeError("the UDP echo server in the namespace did not start")
+            raise RuntimeError("the UDP server in the namespace did not start")
         yield net
     finally:
         if server is not None:
             server.kill()
             server.wait(5)
+            for stream in (server.stdin, server.stdout):
+                if stream is not None:
+                    stream.close()
         run("ip", "netns", "del", net.namespace, check=False)
         for link in (net.veth, net.bridge):
             if os.path.exists(f"/sys/class/net/{link}"):

@@ -224,8 +224,9 @@ class VirtioBlock(VirtioDevice):
             raise RequestError(Status.IOERR, f"{what} of {data.length} bytes: not whole sectors")
         if len(data) > SEG_MAX:
             raise RequestError(Status.IOERR, f"{what} with {len(data)} segments (seg_max {SEG_MAX})")
-        if any(size > SIZE_MAX for _, size in data.buffers):
-            raise RequestError(Status.IOERR, f"{what} with a segment over size_max {SIZE_MAX}")
+        for _, size in data.buffers:
+            if size > SIZE_MAX:
+                raise RequestError(Status.IOERR, f"{what} with a segment over size_max {SIZE_MAX}")
 
     def _check_range(self, sector: int, sectors: int) -> int:
         if sector + sectors > self.capacity:

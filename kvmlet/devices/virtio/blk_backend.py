@@ -68,6 +68,11 @@ def _consume(views: list[memoryview], count: int) -> list[memoryview]:
 
 def preadv_full(fd: int, views: list[memoryview], offset: int, iov_max: int = 1024) -> None:
     """Fill every view from ``offset``; end of file before that is an I/O error."""
+    if 0 < len(views) <= iov_max:   # the usual case: one call reads everything
+        wanted = sum(map(len, views))
+        if wanted and os.preadv(fd, views, offset) == wanted:
+            return
+        # a short read (or nothing to read): the general path below re-reads the rest
     views = [v for v in views if len(v)]
     while views:
         done = os.preadv(fd, views[:iov_max], offset)

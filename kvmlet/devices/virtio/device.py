@@ -120,11 +120,16 @@ class VirtioDevice(abc.ABC):
 
         ``handle`` returns False to stop early (it has put the chain back with ``undo_pop`` and arranged
         to be called again, e.g. by a rate limiter's timer).
+
+        While it drains, the driver is asked not to notify (it would only wake the event loop for chains
+        this loop takes anyway, and cost the guest an exit per notification).
         """
         try:
+            queue.disable_notification()
             while True:
                 while (chain := queue.pop()) is not None:
                     if not handle(chain):
+                        queue.allow_notification()
                         return
                 if not queue.enable_notification():
                     break

@@ -470,7 +470,14 @@ class VirtioNet(VirtioDevice):
                 if self.host is not None:
                     self.host.schedule_queue(queue.index, wait)
                 return False
-        views = frame.slice(VNET_HDR_SIZE).views()
+        views = frame.views()
+        if len(views[0]) > VNET_HDR_SIZE:     # header and frame in one buffer: cut the header off
+            views[0] = views[0][VNET_HDR_SIZE:]
+        elif len(views[0]) == VNET_HDR_SIZE:  # the header in a buffer of its own (as Linux sends it)
+            del views[0]
+        else:
+            views = frame.slice(VNET_HDR_SIZE).views()
+        # The checked copy of the header goes out, never the guest's (which it could change meanwhile).
         iov: list[bytes | memoryview] = [header, *views] if len(views) < IOV_MAX else [
             header, b"".join(views)]
         try:
@@ -500,6 +507,8 @@ class VirtioNet(VirtioDevice):
         flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, _ = NET_HDR.unpack(raw)
         flags &= VIRTIO_NET_HDR_F_NEEDS_CSUM  # 5.1.6.2.2: unknown flag bits are ignored
         kind = gso_type & ~VIRTIO_NET_HDR_GSO_ECN
+        if kind == VIRTIO_NET_HDR_GSO_NONE:  # no segmentation: always allowed (ECN bit dropped)
+            return NET_HDR.pack(flags, VIRTIO_NET_HDR_GSO_NONE, hdr_len, gso_size, csum_start, csum_offset, 0)
         allowed = {VIRTIO_NET_HDR_GSO_NONE: True,
                    VIRTIO_NET_HDR_GSO_TCPV4: self.has_feature(VIRTIO_NET_F_HOST_TSO4),
                    VIRTIO_NET_HDR_GSO_TCPV6: self.has_feature(VIRTIO_NET_F_HOST_TSO6)}

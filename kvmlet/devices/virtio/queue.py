@@ -20,10 +20,14 @@ DEVICE_NEEDS_RESET. Nothing else escapes: guest memory access errors become one 
 Notification suppression: with VIRTIO_F_EVENT_IDX the device publishes ``avail_event`` and signals
 the driver only when the used index passes ``used_event`` (the ``vring_need_event`` rule of section
 2.7.10); without it, ``VIRTQ_AVAIL_F_NO_INTERRUPT`` in the available ring's flags suppresses signals.
+In the other direction, while a device drains a queue it asks the driver not to notify it
+(``disable_notification``: VIRTQ_USED_F_NO_NOTIFY, or with EVENT_IDX an ``avail_event`` left behind)
+and re-enables notifications, then looks at the ring once more, before it stops (``enable_notification``).
 """
 
 from __future__ import annotations
 
+import functools
 import struct
 import threading
 from dataclasses import dataclass, field
@@ -50,6 +54,7 @@ INDIRECT_TABLE_ALIGN = 8  # the natural alignment of a descriptor's le64 address
 
 _DESCRIPTOR = struct.Struct("<QIHH")
 _USED_ELEM = struct.Struct("<II")
+_U16 = struct.Struct("<H")
 
 
 class VirtqueueError(Exception):
@@ -66,6 +71,16 @@ class ChainError(VirtqueueError):
 
 class RingError(VirtqueueError):
     """A virtqueue that cannot be used any more: the device needs a reset."""
+
+
+def store_u16(view: memoryview, offset: int, value: int) -> None:
+    """Write a little-endian u16 the driver may be polling as one 16-bit store.
+
+    Not with ``struct.pack_into``: it zeroes the field before writing the value (``s_pack_internal``
+    starts with a memset), so a driver spinning on the used index could read 0 in between and take a
+    used element that is not there. An item of a memoryview cast to ``H`` is stored in one instruction.
+    """
+    view[offset:offset + 2].cast("H")[0] = value
 
 
 def is_power_of_two(value: int) -> bool:
@@ -88,22 +103,24 @@ class Buffer(NamedTuple):
 class BufferList:
     """The device-readable or device-writable part of a chain, as one byte stream over its buffers.
 
-    Every buffer was checked to lie in guest RAM when the chain was parsed; offsets below are into the
-    concatenation of the buffers.
+    Every buffer was checked to lie in guest RAM when the chain was parsed, and none is empty; offsets
+    below are into the concatenation of the buffers.
     """
 
     memory: GuestMemory = field(repr=False, compare=False)
     buffers: tuple[Buffer, ...] = ()
+    length: int = field(init=False, repr=False, compare=False)   # total bytes, computed once
 
-    @property
-    def length(self) -> int:
-        return sum(buffer.length for buffer in self.buffers)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "length", sum(size for _, size in self.buffers))
 
     def __len__(self) -> int:
         return len(self.buffers)
 
     def slice(self, offset: int, length: int | None = None) -> BufferList:
         """The buffers covering ``[offset, offset+length)`` of the stream (clipped to its end)."""
+        if offset == 0 and (length is None or length >= self.length):
+            return self  # the whole stream (the common case: no new objects)
         remaining = self.length - offset if length is None else length
         out: list[Buffer] = []
         for gpa, size in self.buffers:
@@ -120,6 +137,15 @@ class BufferList:
 
     def split(self, offset: int) -> tuple[BufferList, BufferList]:
         """The stream cut in two at ``offset``."""
+        buffers = self.buffers
+        count = len(buffers)
+        index = position = 0
+        while index < count and position < offset:
+            position += buffers[index][1]
+            index += 1
+        if position == offset >= 0:  # between two buffers (a header or status byte of its own): no cutting
+            return (_buffer_list(self.memory, buffers[:index], offset),
+                    _buffer_list(self.memory, buffers[index:], self.length - offset))
         return self.slice(0, offset), self.slice(offset)
 
     def views(self) -> list[memoryview]:
@@ -128,6 +154,8 @@ class BufferList:
 
     def read(self, offset: int = 0, length: int | None = None) -> bytes:
         """Bytes ``[offset, offset+length)`` of the stream (fewer if it ends first)."""
+        if offset == 0 and length is not None and self.buffers and 0 <= length <= self.buffers[0].length:
+            return self.memory.read(self.buffers[0].gpa, length)  # within the first buffer
         return b"".join(self.memory.read(gpa, size) for gpa, size in self.slice(offset, length).buffers)
 
     def read_all(self) -> bytes:
@@ -135,6 +163,10 @@ class BufferList:
 
     def write(self, data: bytes | bytearray | memoryview, offset: int = 0) -> int:
         """Copy ``data`` into the stream at ``offset``; returns how many bytes fitted."""
+        buffers = self.buffers
+        if offset == 0 and isinstance(data, bytes) and buffers and len(data) <= buffers[0][1]:
+            self.memory.write(buffers[0][0], data)   # within the first buffer (a status byte, a header)
+            return len(data)
         source = memoryview(data).cast("B")
         done = 0
         for gpa, size in self.slice(offset, len(source)).buffers:
@@ -148,6 +180,19 @@ class BufferList:
             if size:
                 self.memory.fill(gpa, size, byte)
         return self.length
+
+
+_new_buffer = functools.partial(tuple.__new__, Buffer)   # Buffer((gpa, length)) without NamedTuple's __new__
+_set = object.__setattr__
+
+
+def _buffer_list(memory: GuestMemory, buffers: tuple[Buffer, ...], length: int) -> BufferList:
+    """A BufferList whose total length is known (the chain parser's hot path: no __init__ round trip)."""
+    out = BufferList.__new__(BufferList)
+    _set(out, "memory", memory)
+    _set(out, "buffers", buffers)
+    _set(out, "length", length)
+    return out
 
 
 @dataclass(frozen=True)
@@ -169,6 +214,21 @@ class QueueStats:
     notifications_sent: int = 0
     notifications_suppressed: int = 0
     last_error: str = ""
+
+
+class _Rings(NamedTuple):
+    """Where the three areas of a validated queue are: (view of the guest RAM region, offset in it).
+
+    The views are the regions' own (no new export of guest memory), so the hot path reads and writes
+    ring fields with one ``unpack_from`` / ``pack_into`` instead of a region lookup per access.
+    """
+
+    desc: memoryview
+    desc_at: int
+    avail: memoryview
+    avail_at: int
+    used: memoryview
+    used_at: int
 
 
 class Virtqueue:
@@ -196,11 +256,15 @@ class Virtqueue:
         self.next_avail = 0
         self.next_used = 0
         self._signalled_used = 0  # the used index when the driver was last considered for a signal
+        self._rings: _Rings | None = None   # set by activate() (or on first use)
+        self._no_notify = False             # VIRTQ_USED_F_NO_NOTIFY is set in the used ring
+        self._data_region = (0, 0)          # [start, end) of the RAM region that held the last buffer
 
     # -- configuration ------------------------------------------------------------------------------
     def set_features(self, *, event_idx: bool, indirect: bool) -> None:
         self.event_idx = event_idx
         self.indirect_allowed = indirect
+        self._rings = None
 
     @property
     def _avail_ring_size(self) -> int:
@@ -230,28 +294,42 @@ class Virtqueue:
         self.next_avail = 0
         self.next_used = 0
         self._signalled_used = 0
+        self._no_notify = False
+        self._rings = self._map_rings()
+
+    def _map_rings(self) -> _Rings:
+        """The areas' places in guest RAM (checked by validate(); RingError if they are not in RAM)."""
+        try:
+            desc = self.memory.region_of(self.desc_addr, DESCRIPTOR_SIZE * self.size)
+            avail = self.memory.region_of(self.driver_addr, self._avail_ring_size)
+            used = self.memory.region_of(self.device_addr, self._used_ring_size)
+        except GuestMemoryError as exc:
+            raise RingError(f"queue {self.index}: {exc}") from None
+        return _Rings(desc.view, self.desc_addr - desc.gpa, avail.view, self.driver_addr - avail.gpa,
+                      used.view, self.device_addr - used.gpa)
+
+    def _ring_views(self) -> _Rings:
+        rings = self._rings
+        if rings is None:
+            rings = self._rings = self._map_rings()
+        return rings
 
     # -- ring fields --------------------------------------------------------------------------------
-    def _read_u16(self, gpa: int) -> int:
+    def _avail_u16(self, offset: int) -> int:
+        rings = self._ring_views()
         try:
-            return self.memory.read_u16(gpa)
-        except GuestMemoryError as exc:  # validate() should make this unreachable
-            raise RingError(f"queue {self.index}: {exc}") from None
-
-    def _write_u16(self, gpa: int, value: int) -> None:
-        try:
-            self.memory.write_u16(gpa, value & 0xFFFF)
-        except GuestMemoryError as exc:
+            return int(_U16.unpack_from(rings.avail, rings.avail_at + offset)[0])
+        except ValueError as exc:  # the memory was closed (released views)
             raise RingError(f"queue {self.index}: {exc}") from None
 
     def avail_flags(self) -> int:
-        return self._read_u16(self.driver_addr)
+        return self._avail_u16(0)
 
     def avail_idx(self) -> int:
-        return self._read_u16(self.driver_addr + 2)
+        return self._avail_u16(2)
 
     def used_event(self) -> int:
-        return self._read_u16(self.driver_addr + 4 + 2 * self.size)
+        return self._avail_u16(4 + 2 * self.size)
 
     def used_idx(self) -> int:
         return self.next_used & 0xFFFF
@@ -276,9 +354,20 @@ class Virtqueue:
         Malformed chains are given back to the driver with used length 0 and counted; RingError means
         the queue is unusable.
         """
-        while self.pending():
-            slot = self.driver_addr + 4 + 2 * (self.next_avail % self.size)
-            head = self._read_u16(slot)
+        rings = self._ring_views()
+        avail, at = rings.avail, rings.avail_at
+        unpack = _U16.unpack_from
+        while True:
+            try:
+                count = (unpack(avail, at + 2)[0] - self.next_avail) & 0xFFFF   # as pending(), inline
+                head = unpack(avail, at + 4 + 2 * (self.next_avail % self.size))[0] if count else 0
+            except ValueError as exc:  # the memory was closed (released views)
+                raise RingError(f"queue {self.index}: {exc}") from None
+            if not count:
+                return None
+            if count > self.size:
+                raise RingError(f"queue {self.index}: available index moved by {count}, more than the queue "
+                                f"size {self.size}")
             if head >= self.size:
                 raise RingError(f"queue {self.index}: available ring entry {self.next_avail} names "
                                 f"descriptor {head}, outside the table of {self.size}")
@@ -290,7 +379,6 @@ class Virtqueue:
                 self.stats.malformed_chains += 1
                 self.stats.last_error = str(exc)
                 self.push(head, 0)
-        return None
 
     def undo_pop(self) -> None:
         """Put the last chain taken back (e.g. when a rate limiter defers it)."""
@@ -305,20 +393,41 @@ class Virtqueue:
         addr, length, flags, next_index = _DESCRIPTOR.unpack(view)
         return int(addr), int(length), int(flags), int(next_index)
 
+    def _in_ram(self, addr: int, length: int) -> bool:
+        """Whether ``[addr, addr+length)`` lies in one RAM region (the last buffer's region first)."""
+        start, end = self._data_region
+        if start <= addr and addr + length <= end:
+            return True
+        try:
+            region = self.memory.region_of(addr, length)
+        except GuestMemoryError:
+            return False
+        self._data_region = (region.gpa, region.end)
+        return True
+
     def _parse_chain(self, head: int) -> DescriptorChain:
         readable: list[Buffer] = []
         writable: list[Buffer] = []
         table, table_size = self.desc_addr, self.size
+        rings = self._ring_views()
+        descriptors, descriptors_at = rings.desc, rings.desc_at  # the queue's table (validated)
+        unpack_descriptor = _DESCRIPTOR.unpack_from
+        data_start, data_end = self._data_region
         index = head
         visited = 0          # descriptors visited in the current table: bounded by its size
         count = 0
         total = 0
+        readable_bytes = 0
         in_indirect = False
         while True:
             if visited >= table_size:
                 raise ChainError(head, f"longer than the {'indirect table' if in_indirect else 'queue'} "
                                  f"({table_size} descriptors): a loop")
-            addr, length, flags, next_index = self._read_descriptor(head, table, index)
+            if in_indirect:
+                addr, length, flags, next_index = self._read_descriptor(head, table, index)
+            else:
+                addr, length, flags, next_index = unpack_descriptor(descriptors,
+                                                                    descriptors_at + DESCRIPTOR_SIZE * index)
             visited += 1
             count += 1
             if flags & VIRTQ_DESC_F_INDIRECT:
@@ -340,39 +449,52 @@ class Virtqueue:
                 table, table_size, index, visited, in_indirect = addr, entries, 0, 0, True
                 continue
             if length:
-                if not self.memory.contains(addr, length):
-                    raise ChainError(head, f"buffer at {addr:#x}+{length:#x} is not in guest RAM")
+                if not (data_start <= addr and addr + length <= data_end):
+                    if not self._in_ram(addr, length):
+                        raise ChainError(head, f"buffer at {addr:#x}+{length:#x} is not in guest RAM")
+                    data_start, data_end = self._data_region
                 total += length
                 if total > MAX_CHAIN_BYTES:
                     raise ChainError(head, "more than 4 GiB of buffers")
             if flags & VIRTQ_DESC_F_WRITE:
                 if length:
-                    writable.append(Buffer(addr, length))
+                    writable.append(_new_buffer((addr, length)))
             elif writable:
                 raise ChainError(head, "device-readable descriptor after a device-writable one")
             elif length:
-                readable.append(Buffer(addr, length))
+                readable.append(_new_buffer((addr, length)))
+                readable_bytes += length
             if not flags & VIRTQ_DESC_F_NEXT:
                 break
             if next_index >= table_size:
                 raise ChainError(head, f"next index {next_index} is outside the table of {table_size}")
             index = next_index
-        return DescriptorChain(head, BufferList(self.memory, tuple(readable)),
-                               BufferList(self.memory, tuple(writable)), count, in_indirect)
+        return DescriptorChain(head, _buffer_list(self.memory, tuple(readable), readable_bytes),
+                               _buffer_list(self.memory, tuple(writable), total - readable_bytes), count,
+                               in_indirect)
 
     # -- giving buffers back ------------------------------------------------------------------------
     def push(self, head: int, length: int) -> None:
         """Put a used element (head, bytes written) on the used ring and publish it."""
-        elem = self.device_addr + 4 + 8 * (self.next_used % self.size)
+        rings = self._ring_views()
+        used, at = rings.used, rings.used_at
+        next_used = (self.next_used + 1) & 0xFFFF
         try:
-            _USED_ELEM.pack_into(self.memory.view(elem, 8), 0, head, length & 0xFFFFFFFF)
-        except GuestMemoryError as exc:
+            _USED_ELEM.pack_into(used, at + 4 + 8 * (self.next_used % self.size), head, length & 0xFFFFFFFF)
+            # Stores are not reordered with stores on x86 (and CPython performs them in program order):
+            # the element is visible before the index that publishes it, in one store.
+            store_u16(used, at + 2, next_used)
+        except ValueError as exc:  # the memory was closed (released views)
             raise RingError(f"queue {self.index}: {exc}") from None
-        # Stores are not reordered with stores on x86 (and CPython performs them in program order):
-        # the element is visible before the index that publishes it.
-        self.next_used = (self.next_used + 1) & 0xFFFF
-        self._write_u16(self.device_addr + 2, self.next_used)
+        self.next_used = next_used
         self.stats.used_buffers += 1
+
+    def _write_used_u16(self, offset: int, value: int) -> None:
+        rings = self._ring_views()
+        try:
+            store_u16(rings.used, rings.used_at + offset, value & 0xFFFF)
+        except ValueError as exc:
+            raise RingError(f"queue {self.index}: {exc}") from None
 
     def needs_notification(self) -> bool:
         """Whether the driver wants a used-buffer notification for what was pushed since the last one."""
@@ -392,13 +514,34 @@ class Virtqueue:
             self.stats.notifications_suppressed += 1
         return wanted
 
+    def disable_notification(self) -> None:
+        """Tell the driver that notifications are not needed now (the device is taking chains anyway).
+
+        Without VIRTIO_F_EVENT_IDX this sets VIRTQ_USED_F_NO_NOTIFY (an optimization the driver may
+        ignore, section 2.7.7); with it, ``avail_event`` left behind already does the same. Either way
+        :meth:`enable_notification` must follow before the device stops looking at the ring.
+        """
+        if not self.event_idx and not self._no_notify:
+            self._write_used_u16(0, VIRTQ_USED_F_NO_NOTIFY)
+            self._no_notify = True
+
+    def allow_notification(self) -> None:
+        """Clear VIRTQ_USED_F_NO_NOTIFY if :meth:`disable_notification` set it (no check of the ring)."""
+        if self._no_notify:
+            self._write_used_u16(0, 0)
+            self._no_notify = False
+
     def enable_notification(self) -> bool:
         """Ask the driver to notify for the next available chain; True if chains arrived meanwhile.
 
-        With VIRTIO_F_EVENT_IDX this publishes ``avail_event``; without it the device never sets
-        VIRTQ_USED_F_NO_NOTIFY, so notifications are always on.
+        With VIRTIO_F_EVENT_IDX this publishes ``avail_event``; without it, it clears
+        VIRTQ_USED_F_NO_NOTIFY (if :meth:`disable_notification` set it). The store comes before the
+        available index is read again, so a chain the driver added without notifying is seen here.
         """
         if self.event_idx:
-            self._write_u16(self.device_addr + 4 + 8 * self.size, self.next_avail)
+            self._write_used_u16(4 + 8 * self.size, self.next_avail)
             self.memory_fence()  # the avail_event store before the avail idx load
+        elif self._no_notify:
+            self.allow_notification()
+            self.memory_fence()  # the flags store before the avail idx load
         return self.pending() > 0
