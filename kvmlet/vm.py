@@ -297,14 +297,26 @@ class Machine:
             code = info.instruction
             if not code and self.memory is not None:
                 linear = regs.rip + (sregs.cs.base if not sregs.efer & 0x400 else 0)
-                physical = vcpu.translate(linear) if sregs.cr0 & (1 << 31) else linear
-                if physical is not None and self.memory.contains(physical, 15):
-                    code = self.memory.read(physical, 15)
+                code = self._guest_bytes(vcpu, linear, 15, paging=bool(sregs.cr0 & (1 << 31)))
             text = code.hex(" ") if code else "unavailable (RIP not in guest memory)"
             return (f"KVM internal error: {what} at RIP {regs.rip:#x} (CPL {cpl}); "
                     f"instruction bytes: {text}")
         except Exception as exc:  # the report itself must not fail
             return f"KVM internal error {info.suberror} (state unreadable: {exc})"
+
+    def _guest_bytes(self, vcpu: Vcpu, linear: int, count: int, *, paging: bool) -> bytes:
+        """Up to ``count`` bytes at a guest-linear address, page by page (pages need not be contiguous)."""
+        assert self.memory is not None
+        out = b""
+        while len(out) < count:
+            physical = vcpu.translate(linear) if paging else linear
+            if physical is None or not self.memory.contains(physical):
+                break
+            region = self.memory.region_of(physical)
+            chunk = min(count - len(out), 4096 - (linear & 0xFFF), region.end - physical)
+            out += self.memory.read(physical, chunk)
+            linear += chunk
+        return out
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> None:

@@ -34,6 +34,14 @@ class StatsReader:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        try:
+            self._parse()
+        except BaseException:
+            self.close()
+            raise
+
+    def _parse(self) -> None:
+        fd = self.fd
         header = s.kvm_stats_header.from_buffer_copy(os.pread(fd, ctypes.sizeof(s.kvm_stats_header), 0))
         self.id = os.pread(fd, header.name_size, header.id_offset).rstrip(b"\0").decode(errors="replace")
         desc_size = ctypes.sizeof(s.kvm_stats_desc_header) + header.name_size
