@@ -100,7 +100,6 @@ class Machine:
         self.boot_info: BootInfo | None = None
         self.serial: Serial8250 | None = None
         self._interrupts: list[EventFdInterrupt] = []
-        self._closables: list[object] = []
         self._exit: ExitStatus | None = None
         self._exit_event = threading.Event()
         self._lock = threading.Lock()
@@ -112,7 +111,10 @@ class Machine:
         try:
             self._build()
         except BaseException:
-            self.close()
+            try:
+                self.close()
+            except MachineError:
+                pass  # the build failure is the error worth reporting
             raise
         return self
 
@@ -138,7 +140,7 @@ class Machine:
                 "this host's KVM is PVM (software virtualization, no VT-x/AMD-V) and this Linux kernel "
                 "is not PVM-aware: its kernel-mode code is emulated, so it prints its early boot log "
                 "and then stops (emulation failure). Boot a PVM guest kernel, or use a VMX/SVM host")
-        initrd = config.initrd.read_bytes() if config.initrd is not None else None
+        initrd = self._read_initrd()
         self.timeline.mark("image-read")
 
         self.vm = vm = kvm.create_vm()
@@ -175,6 +177,18 @@ class Machine:
             self.threads.append(VcpuThread(vcpu, self.pio, self.mmio, self._vcpu_stopped,
                                            self._describe_failure))
         self.timeline.mark("vcpus-created")
+
+    def _read_initrd(self) -> bytes | None:
+        path = self.config.initrd
+        if path is None:
+            return None
+        size = path.stat().st_size
+        if size > self.config.memory:  # refuse before reading a file that cannot fit anyway
+            from kvmlet.boot.errors import BootImageError
+
+            raise BootImageError(f"initrd {path} is {size / (1 << 20):.1f} MiB, more than the guest's "
+                                 f"{self.config.memory >> 20} MiB of memory")
+        return path.read_bytes()
 
     @staticmethod
     def _pvm_host() -> bool:
