@@ -163,12 +163,8 @@ class VirtioBlock(VirtioDevice):
         if self.rate_limiter is not None:
             data = (chain.readable.length - HEADER.size) + (writable.length - 1)
             cost = data if kind in (RequestType.IN, RequestType.OUT) else 0
-            wait = self.rate_limiter.try_consume(cost)
-            if wait > 0:
+            if self.defer_for_rate_limit(queue, self.rate_limiter, cost):
                 self.stats.throttled += 1
-                queue.undo_pop()
-                if self.host is not None:
-                    self.host.schedule_queue(queue.index, wait)
                 return False
         used = self._execute(kind, sector, chain)
         queue.push(chain.head, used)

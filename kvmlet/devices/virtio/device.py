@@ -21,6 +21,7 @@ from typing import Protocol
 
 from kvmlet.devices.virtio.constants import COMMON_FEATURES, DeviceType, feature_bit
 from kvmlet.devices.virtio.queue import DescriptorChain, RingError, Virtqueue
+from kvmlet.devices.virtio.ratelimit import RateLimiter
 
 
 class DeviceHost(Protocol):
@@ -72,6 +73,21 @@ class VirtioDevice(abc.ABC):
 
     def accept_features(self, features: int) -> bool:
         """Whether the device works with this subset of its offered features (dependencies)."""
+        return True
+
+    def defer_for_rate_limit(self, queue: Virtqueue, limiter: RateLimiter | None, nbytes: int,
+                             *, put_back: bool = True) -> bool:
+        """True when ``limiter`` has no tokens for ``nbytes`` now: the popped chain goes back on the ring
+        (``put_back``) and the queue is processed again once the tokens are there."""
+        if limiter is None:
+            return False
+        wait = limiter.try_consume(nbytes)
+        if wait <= 0:
+            return False
+        if put_back:
+            queue.undo_pop()
+        if self.host is not None:
+            self.host.schedule_queue(queue.index, wait)
         return True
 
     def has_feature(self, bit: int) -> bool:

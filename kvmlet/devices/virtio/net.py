@@ -402,13 +402,10 @@ class VirtioNet(VirtioDevice):
             frame.chains.append(chain)
             frame.lengths.append(written)
             frame.rest = frame.rest[written:]
-        if not frame.admitted and self.rx_rate_limiter is not None:
-            wait = self.rx_rate_limiter.try_consume(frame.size - VNET_HDR_SIZE)
-            if wait > 0:
-                self.stats.rx_throttled += 1
-                if self.host is not None:
-                    self.host.schedule_queue(queue.index, wait)
-                return False
+        if not frame.admitted and self.defer_for_rate_limit(queue, self.rx_rate_limiter,
+                                                            frame.size - VNET_HDR_SIZE, put_back=False):
+            self.stats.rx_throttled += 1
+            return False
         frame.admitted = True
         state.frame = None
         first = frame.chains[0].writable
@@ -463,12 +460,8 @@ class VirtioNet(VirtioDevice):
             queue.push(chain.head, 0)
             return True
         if self.tx_rate_limiter is not None:
-            wait = self.tx_rate_limiter.try_consume(size - VNET_HDR_SIZE)
-            if wait > 0:
+            if self.defer_for_rate_limit(queue, self.tx_rate_limiter, size - VNET_HDR_SIZE):
                 self.stats.tx_throttled += 1
-                queue.undo_pop()
-                if self.host is not None:
-                    self.host.schedule_queue(queue.index, wait)
                 return False
         views = frame.views()
         if len(views[0]) > VNET_HDR_SIZE:     # header and frame in one buffer: cut the header off

@@ -52,12 +52,8 @@ class VirtioRng(VirtioDevice):
             return True
         count = min(chain.writable.length, MAX_REQUEST_BYTES)
         if self.rate_limiter is not None:
-            wait = self.rate_limiter.try_consume(count)
-            if wait > 0:
+            if self.defer_for_rate_limit(queue, self.rate_limiter, count):
                 self.stats.throttled += 1
-                queue.undo_pop()
-                if self.host is not None:
-                    self.host.schedule_queue(queue.index, wait)
                 return False
         written = chain.writable.write(os.getrandom(count))
         self.stats.requests += 1
