@@ -459,10 +459,9 @@ class VirtioNet(VirtioDevice):
             self.stats.last_error = "transmit frame uses a segmentation offload that was not negotiated"
             queue.push(chain.head, 0)
             return True
-        if self.tx_rate_limiter is not None:
-            if self.defer_for_rate_limit(queue, self.tx_rate_limiter, size - VNET_HDR_SIZE):
-                self.stats.tx_throttled += 1
-                return False
+        if self.defer_for_rate_limit(queue, self.tx_rate_limiter, size - VNET_HDR_SIZE):
+            self.stats.tx_throttled += 1
+            return False
         views = frame.views()
         if len(views[0]) > VNET_HDR_SIZE:     # header and frame in one buffer: cut the header off
             views[0] = views[0][VNET_HDR_SIZE:]

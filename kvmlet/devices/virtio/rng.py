@@ -51,10 +51,9 @@ class VirtioRng(VirtioDevice):
             queue.push(chain.head, 0)
             return True
         count = min(chain.writable.length, MAX_REQUEST_BYTES)
-        if self.rate_limiter is not None:
-            if self.defer_for_rate_limit(queue, self.rate_limiter, count):
-                self.stats.throttled += 1
-                return False
+        if self.defer_for_rate_limit(queue, self.rate_limiter, count):
+            self.stats.throttled += 1
+            return False
         written = chain.writable.write(os.getrandom(count))
         self.stats.requests += 1
         self.stats.bytes += written
