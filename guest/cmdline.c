@@ -5,7 +5,22 @@
 
 struct options opt;
 
-static bool option_is(const char *tok, size_t len, const char *name, const char **value, size_t *value_len)
+/* The next space-separated token at *cursor (NULL at the end of the line); *cursor moves past it. */
+const char *cmdline_token(const char **cursor, size_t *len)
+{
+    const char *p = *cursor;
+    while (*p == ' ' || *p == '\t' || *p == '\n')
+        p++;
+    const char *tok = p;
+    while (*p && *p != ' ' && *p != '\t' && *p != '\n')
+        p++;
+    *cursor = p;
+    *len = p - tok;
+    return *len ? tok : NULL;
+}
+
+/* Whether token `tok` is `name=value`; if so, the value and its length. */
+bool option_is(const char *tok, size_t len, const char *name, const char **value, size_t *value_len)
 {
     size_t n = strlen(name);
     if (len <= n || memcmp(tok, name, n) != 0 || tok[n] != '=')
@@ -27,19 +42,12 @@ void options_parse(const char *cmdline)
     opt.loops = 10000000;
     opt.touch_mib = 16;
 
-    const char *p = cmdline;
-    while (*p) {
-        while (*p == ' ' || *p == '\t' || *p == '\n')
-            p++;
-        const char *tok = p;
-        while (*p && *p != ' ' && *p != '\t' && *p != '\n')
-            p++;
-        size_t len = p - tok;
+    const char *p = cmdline, *tok;
+    size_t len;
+    while ((tok = cmdline_token(&p, &len)) != NULL) {
         const char *v;
         size_t vlen;
         uint64_t n;
-        if (!len)
-            continue;
         if (option_is(tok, len, "kvmlet.test", &v, &vlen)) {
             if (vlen >= sizeof(opt.tests))
                 vlen = sizeof(opt.tests) - 1;

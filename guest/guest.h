@@ -111,6 +111,8 @@ int ksnprintf(char *buf, size_t size, const char *fmt, ...) __attribute__((forma
 /* bootinfo.c, cmdline.c */
 void bootinfo_init(int kind, uint64_t info_paddr);
 void options_parse(const char *cmdline);
+const char *cmdline_token(const char **cursor, size_t *len);
+bool option_is(const char *tok, size_t len, const char *name, const char **value, size_t *value_len);
 
 /* cpu.c, traps.S */
 void cpu_init(void);

@@ -30,19 +30,11 @@ static bool discovered;
 /* Finds `name=value` in the command line; the first occurrence wins. */
 bool virtio_option(const char *name, const char **value, size_t *len)
 {
-    size_t n = strlen(name);
-    const char *p = boot.cmdline;
-    while (*p) {
-        while (*p == ' ' || *p == '\t' || *p == '\n')
-            p++;
-        const char *tok = p;
-        while (*p && *p != ' ' && *p != '\t' && *p != '\n')
-            p++;
-        if ((size_t)(p - tok) > n && memcmp(tok, name, n) == 0 && tok[n] == '=') {
-            *value = tok + n + 1;
-            *len = p - tok - n - 1;
+    const char *p = boot.cmdline, *tok;
+    size_t toklen;
+    while ((tok = cmdline_token(&p, &toklen)) != NULL) {
+        if (option_is(tok, toklen, name, value, len))
             return true;
-        }
     }
     return false;
 }
@@ -150,14 +142,10 @@ static void parse_device_entries(void)
 {
     static const char key[] = "virtio_mmio.device=";
     const size_t keylen = sizeof(key) - 1;
-    const char *p = boot.cmdline;
-    while (*p) {
-        while (*p == ' ' || *p == '\t' || *p == '\n')
-            p++;
-        const char *tok = p;
-        while (*p && *p != ' ' && *p != '\t' && *p != '\n')
-            p++;
-        if ((size_t)(p - tok) <= keylen || memcmp(tok, key, keylen) != 0)
+    const char *p = boot.cmdline, *tok;
+    size_t toklen;
+    while ((tok = cmdline_token(&p, &toklen)) != NULL) {
+        if (toklen <= keylen || memcmp(tok, key, keylen) != 0)
             continue;
         const char *s = tok + keylen, *end = p;
         uint64_t size, base, irq;
