@@ -53,8 +53,6 @@ class VcpuCounters:
     """kvmlet's own per-vCPU counters of exits handled in user space, by reason name."""
 
     exits: dict[str, int] = field(default_factory=dict)
-    pio_ports: dict[int, int] = field(default_factory=dict)
-    mmio_addresses: int = 0
 
 
 class VcpuThread:
