@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
-DEBIAN_PACKAGES=(build-essential make gcc binutils qemu-system-x86 iproute2 dpkg)
+DEBIAN_PACKAGES=(build-essential make gcc binutils linux-libc-dev qemu-system-x86 iproute2 dpkg lz4)
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -21,7 +21,7 @@ fi
 PYTHON="${PYTHON:-python3}"
 echo "setup: installing kvmlet and its development tools with $($PYTHON --version)"
 # compat mode: a plain path entry instead of an import hook, which costs start-up time on every run
-$PYTHON -m pip install -q --disable-pip-version-check -e '.[dev]' --config-settings editable_mode=compat
+$PYTHON -m pip install -q --disable-pip-version-check -e '.[dev,bench]' --config-settings editable_mode=compat
 
 echo "setup: building the test guest"
 make -s -C guest
