@@ -271,6 +271,31 @@ def test_malformed_chains_are_returned_and_counted(rig: NetRig) -> None:
     assert not rig.transport.status & DeviceStatus.DEVICE_NEEDS_RESET
 
 
+def test_one_batch_of_plain_and_other_frames_keeps_their_order(rig: NetRig) -> None:
+    """Plain one-descriptor frames take the device's short path, the others its full one; in one batch
+    they still go out, and come back on the used ring, in the driver's order."""
+    ring = rig.rings[1]
+    frames = [make_frame(HOST_MAC, GUEST_MAC, bytes([i]) * 60) for i in range(6)]
+    layouts = [
+        [(*ring.buffer(plain_header() + frames[0]), False)],                    # plain: short path
+        [(*ring.buffer(plain_header()), False), (*ring.buffer(frames[1]), False)],   # two descriptors
+        [(*ring.buffer(plain_header(num_buffers=3) + frames[2]), False)],       # num_buffers set: full path
+        [(*ring.buffer(plain_header(flags=2) + frames[3]), False)],             # a flag that is ignored
+        [(*ring.buffer(plain_header() + frames[4]), True)],                     # device-writable: refused
+        [(*ring.buffer(plain_header() + frames[5]), False)],                    # plain again
+    ]
+    heads = [ring.add_chain(parts) for parts in layouts]
+    with packet_socket(rig.tap_name) as sock:
+        ring.publish(*heads)
+        rig.driver.notify(1)
+        assert rig.wait_used(1, 6) == [(head, 0) for head in heads]
+        assert receive_matching(sock, count=5) == [frames[i] for i in (0, 1, 2, 3, 5)]
+    stats = rig.device.stats
+    assert (stats.tx_frames, stats.tx_bad_frames) == (5, 1)
+    assert stats.tx_bytes == sum(len(frames[i]) for i in (0, 1, 2, 3, 5))
+    assert stats.tx_frames_by_queue == [5]
+
+
 def test_two_queue_pairs_use_two_tap_queues(memory: GuestMemory, events: EventLoopThread) -> None:
     rig = make_rig(memory, events, queues=2)
     try:

@@ -206,6 +206,15 @@ class DescriptorChain:
     indirect: bool = False
 
 
+class DirectBuffer(NamedTuple):
+    """A chain of one direct descriptor (:meth:`Virtqueue.pop_direct`)."""
+
+    head: int
+    gpa: int                # where the buffer is
+    view: memoryview        # the buffer in guest RAM (checked to lie there)
+    writable: bool          # device-writable (VIRTQ_DESC_F_WRITE)
+
+
 @dataclass
 class QueueStats:
     chains: int = 0
@@ -259,6 +268,7 @@ class Virtqueue:
         self._rings: _Rings | None = None   # set by activate() (or on first use)
         self._no_notify = False             # VIRTQ_USED_F_NO_NOTIFY is set in the used ring
         self._data_region = (0, 0)          # [start, end) of the RAM region that held the last buffer
+        self._data_view: memoryview | None = None   # that region's view (for pop_direct)
 
     # -- configuration ------------------------------------------------------------------------------
     def set_features(self, *, event_idx: bool, indirect: bool) -> None:
@@ -380,6 +390,40 @@ class Virtqueue:
                 self.stats.last_error = str(exc)
                 self.push(head, 0)
 
+    def pop_direct(self) -> DirectBuffer | None:
+        """The next chain if it is the commonest kind, one direct descriptor with a non-empty buffer in the
+        RAM region of the last buffer seen: (head, a view of the buffer, whether it is device-writable).
+
+        None when the ring is empty or the next chain is any other kind (a chain of several descriptors,
+        an indirect table, an empty or unknown buffer, a broken ring): :meth:`pop` then takes it with
+        every check and error report. Nothing is consumed in that case. The checks made here are those
+        :meth:`pop` makes of such a chain, so either path takes exactly the same chains.
+        """
+        rings = self._rings
+        data_view = self._data_view
+        if rings is None or data_view is None:
+            return None
+        next_avail = self.next_avail
+        size = self.size
+        try:
+            count = (_U16.unpack_from(rings.avail, rings.avail_at + 2)[0] - next_avail) & 0xFFFF
+            if not count or count > size:
+                return None
+            head = _U16.unpack_from(rings.avail, rings.avail_at + 4 + 2 * (next_avail % size))[0]
+            if head >= size:
+                return None
+            addr, length, flags, _ = _DESCRIPTOR.unpack_from(rings.desc, rings.desc_at + DESCRIPTOR_SIZE * head)
+            start, end = self._data_region
+            if flags & (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT) or not length or not (
+                    start <= addr and addr + length <= end):
+                return None
+            view = data_view[addr - start:addr - start + length]
+        except ValueError:  # the memory was closed: pop() reports it
+            return None
+        self.next_avail = (next_avail + 1) & 0xFFFF
+        self.stats.chains += 1
+        return DirectBuffer(head, addr, view, bool(flags & VIRTQ_DESC_F_WRITE))
+
     def undo_pop(self) -> None:
         """Put the last chain taken back (e.g. when a rate limiter defers it)."""
         self.next_avail = (self.next_avail - 1) & 0xFFFF
@@ -403,6 +447,7 @@ class Virtqueue:
         except GuestMemoryError:
             return False
         self._data_region = (region.gpa, region.end)
+        self._data_view = region.view
         return True
 
     def _parse_chain(self, head: int) -> DescriptorChain:
