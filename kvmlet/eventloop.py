@@ -6,12 +6,16 @@ need it (console output only, no input to read) starts without it, which keeps c
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import asyncio
+
+log = logging.getLogger(__name__)
+STOP_TIMEOUT = 5.0
 
 
 class EventLoopThread:
@@ -98,6 +102,10 @@ class EventLoopThread:
             return
         if started and thread is not None and thread.is_alive():
             loop.call_soon_threadsafe(loop.stop)
-            thread.join(5)
-        elif not started:
+            thread.join(STOP_TIMEOUT)
+            if thread.is_alive():  # a callback is stuck: the loop is still running and cannot be closed
+                log.warning("event-loop thread %s did not stop within %.0f s; it ends with the process",
+                            self._name, STOP_TIMEOUT)
+                return
+        if not loop.is_closed():  # never started, or its thread ended without closing it (an error)
             loop.close()

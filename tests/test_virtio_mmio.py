@@ -4,6 +4,7 @@ device need a reset, never more."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -98,6 +99,38 @@ def test_full_initialization_and_a_request(driver: MmioDriver, transport: MmioTr
     assert irq.count == 1 and driver.read(R.INTERRUPT_STATUS) == 1
     driver.write(R.INTERRUPT_ACK, 1)
     assert driver.read(R.INTERRUPT_STATUS) == 0
+
+
+def test_interrupt_ack_does_not_wait_for_queue_processing(driver: MmioDriver, transport: MmioTransport,
+                                                         memory: GuestMemory) -> None:
+    """A vCPU acknowledging an interrupt while the event-loop thread holds the transport (processing a
+    queue) goes on at once; a register that needs the transport waits."""
+    driver.start(DriverRing(memory))
+    transport.interrupt_status = 1
+    holding, release = threading.Event(), threading.Event()
+
+    def process() -> None:
+        with transport._lock:
+            holding.set()
+            release.wait(5)
+
+    processor = threading.Thread(target=process)
+    processor.start()
+    try:
+        assert holding.wait(5)
+        acked = threading.Thread(target=driver.write, args=(R.INTERRUPT_ACK, 1))
+        acked.start()
+        acked.join(2)
+        assert not acked.is_alive() and driver.read(R.INTERRUPT_STATUS) == 0
+        selected = threading.Thread(target=driver.write, args=(R.QUEUE_SEL, 0))
+        selected.start()
+        selected.join(0.2)
+        assert selected.is_alive()   # waits for the transport, as it should
+    finally:
+        release.set()
+        processor.join()
+    selected.join(5)
+    assert not selected.is_alive()
 
 
 def test_negotiated_ring_features_reach_the_queue(driver: MmioDriver, transport: MmioTransport,

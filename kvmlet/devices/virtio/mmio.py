@@ -26,7 +26,9 @@ Interrupts: one line per device (an irqfd on an ISA GSI); InterruptStatus bit 0 
 for configuration changes, cleared by InterruptACK.
 
 Locking: one re-entrant lock serializes register writes (vCPU threads) with queue processing (the
-event-loop thread), so a reset waits for the request being processed; interrupt status has its own lock.
+event-loop thread), so a reset waits for the request being processed; interrupt status has its own lock,
+and InterruptACK takes only that one, so a vCPU acknowledging an interrupt never waits for a queue drain.
+Register reads take no lock (each returns one field's current value).
 """
 
 from __future__ import annotations
@@ -189,6 +191,12 @@ class MmioTransport:
         if offset == MmioRegister.QUEUE_NOTIFY:
             self._notify_from_mmio(value)
             return
+        if offset == MmioRegister.INTERRUPT_ACK:
+            # Only the interrupt status lock: a vCPU in its interrupt handler never waits for a queue
+            # the event-loop thread is processing.
+            with self._irq_lock:
+                self.interrupt_status &= ~value
+            return
         with self._lock:
             self._write_register(offset, value)
 
@@ -207,9 +215,6 @@ class MmioTransport:
                      MmioRegister.QUEUE_DRIVER_LOW, MmioRegister.QUEUE_DRIVER_HIGH,
                      MmioRegister.QUEUE_DEVICE_LOW, MmioRegister.QUEUE_DEVICE_HIGH):
             self._write_queue_config(reg, value)
-        elif reg == MmioRegister.INTERRUPT_ACK:
-            with self._irq_lock:
-                self.interrupt_status &= ~value
         elif reg == MmioRegister.STATUS:
             self._write_status(value)
         elif reg == MmioRegister.SHM_SEL:
