@@ -4,6 +4,7 @@ and never changes the image outside what a successful write or zeroing covers.""
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from kvmlet.devices.irq import NullInterrupt
 from kvmlet.devices.virtio.blk import RequestType, Status, VirtioBlock
 from kvmlet.devices.virtio.blk_backend import BlockBackend
 from kvmlet.devices.virtio.mmio import MmioTransport
+from kvmlet.devices.virtio.ratelimit import RateLimiter, RateLimiterConfig, TokenBucketConfig
 from kvmlet.memory import GuestMemory
 from tests.support.virtq import DriverRing, MmioDriver
 
@@ -69,3 +71,82 @@ def test_any_request_is_answered_once(setup: tuple[GuestMemory, Path], kind: int
     finally:
         transport.close()
     path.write_bytes(before)
+
+
+common_kinds = st.sampled_from([int(RequestType.IN), int(RequestType.OUT), int(RequestType.FLUSH),
+                                int(RequestType.GET_ID), 99])
+data_part = st.tuples(st.sampled_from([1, 100, 512, 1024, 4096]), st.booleans())
+request = st.tuples(common_kinds, st.integers(0, SECTORS + 2), st.lists(data_part, max_size=3),
+                    st.booleans(), st.integers(0, 255))
+
+
+def _outcomes(memory: GuestMemory, path: Path, requests: list[tuple[int, int, list[tuple[int, bool]], bool, int]],
+              *, short_path: bool, readonly: bool) -> tuple[object, ...]:
+    """Run the requests as one batch; what the driver and the image see afterwards."""
+    limiter = None if short_path else RateLimiter(RateLimiterConfig(ops=TokenBucketConfig(size=10**9)))
+    device = VirtioBlock(BlockBackend.open(str(path), readonly=readonly), rate_limiter=limiter)
+    transport = MmioTransport(device, memory, NullInterrupt())
+    memory.fill(0, 4 << 20)
+    try:
+        ring = DriverRing(memory, size=64)
+        driver = MmioDriver(transport)
+        driver.start(ring)
+        heads, writable_parts = [], []
+        for kind, sector, parts, with_status, fill in requests:
+            chain = [(*ring.buffer(struct.pack("<IIQ", kind, 0, sector)), False)]
+            for length, writes in parts:
+                chain.append((*ring.buffer(bytes([fill]) * length), writes))
+            if with_status:
+                chain.append((*ring.buffer(b"\xee"), True))
+            heads.append(ring.add_chain(chain))
+            writable_parts.append([(gpa, n) for gpa, n, w in chain if w])
+        ring.publish(*heads)
+        driver.notify()
+        used = ring.take_used()
+        guest = [b"".join(memory.read(gpa, n) for gpa, n in parts) for parts in writable_parts]
+        stats = dataclasses.replace(device.stats, last_error="", throttled=0)
+    finally:
+        transport.close()
+    return used, guest, stats, path.read_bytes()
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(requests=st.lists(request, min_size=1, max_size=8), readonly=st.booleans())
+def test_short_path_answers_as_the_full_path(setup: tuple[GuestMemory, Path], tmp_path_factory: pytest.TempPathFactory,
+                                            requests: list[tuple[int, int, list[tuple[int, bool]], bool, int]],
+                                            readonly: bool) -> None:
+    """A batch of plain and other requests gives the same used ring, guest buffers, counters and image
+    with the device's short path for plain reads and writes as with the full parser alone (a rate
+    limiter that never runs out turns the short path off)."""
+    memory, path = setup
+    before = path.read_bytes()
+    results = []
+    for short_path in (True, False):
+        path.write_bytes(before)
+        results.append(_outcomes(memory, path, requests, short_path=short_path, readonly=readonly))
+    path.write_bytes(before)
+    assert results[0] == results[1]
+
+
+def test_plain_requests_take_the_short_path(setup: tuple[GuestMemory, Path]) -> None:
+    memory, path = setup
+    device = VirtioBlock(BlockBackend.open(str(path)))
+    parsed: list[int] = []
+    full_path = device._handle
+    device._handle = lambda chain: parsed.append(chain.head) or full_path(chain)  # type: ignore[method-assign]
+    transport = MmioTransport(device, memory, NullInterrupt())
+    try:
+        ring = DriverRing(memory)
+        MmioDriver(transport).start(ring)
+        status = ring.alloc(1)
+        read = ring.add_chain([(*ring.buffer(struct.pack("<IIQ", RequestType.IN, 0, 1)), False),
+                               (ring.alloc(1024), 1024, True), (status, 1, True)])
+        flush = ring.add_chain([(*ring.buffer(struct.pack("<IIQ", RequestType.FLUSH, 0, 0)), False),
+                                (ring.alloc(1), 1, True)])
+        ring.publish(read, flush)
+        MmioDriver(transport).notify()
+        assert ring.take_used() == [(read, 1025), (flush, 1)]
+        assert memory.read(status, 1)[0] == Status.OK
+        assert parsed == [flush]        # the read never reached the full parser
+    finally:
+        transport.close()

@@ -14,7 +14,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvmlet.devices.virtio.queue import VIRTQ_DESC_F_WRITE, RingError, Virtqueue, VirtqueueError
+from kvmlet.devices.virtio.queue import (
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    RingError,
+    Virtqueue,
+    VirtqueueError,
+)
 from kvmlet.memory import GuestMemory
 
 REGION_A = (0, 0x10000)
@@ -132,23 +138,28 @@ def test_raw_bytes_as_rings(memory: RecordingMemory, contents: bytes, size: int,
         pass
 
 
-def _take_all(queue: Virtqueue, *, direct: bool) -> list[tuple[int, tuple[tuple[int, int], ...], bool] | str]:
-    """Every chain taken (head, buffers, device-writable), with pop_direct first if ``direct``."""
-    taken: list[tuple[int, tuple[tuple[int, int], ...], bool] | str] = []
+Buffers = tuple[tuple[int, int], ...]
+
+
+def _take_all(queue: Virtqueue, *, direct: bool) -> list[tuple[int, Buffers, Buffers] | str]:
+    """Every chain taken (head, readable buffers, writable buffers), with pop_direct first if ``direct``."""
+    taken: list[tuple[int, Buffers, Buffers] | str] = []
     try:
         for _ in range(queue.size + 1):
             simple = queue.pop_direct() if direct else None
             if simple is not None:
-                assert len(simple.view) > 0 and _in_ram(simple.gpa, len(simple.view))
-                taken.append((simple.head, ((simple.gpa, len(simple.view)),), simple.writable))
+                for buffer in simple.buffers:
+                    assert len(buffer.view) > 0 and _in_ram(buffer.gpa, len(buffer.view))
+                readable = tuple((b.gpa, len(b.view)) for b in simple.buffers if not b.writable)
+                writable = tuple((b.gpa, len(b.view)) for b in simple.buffers if b.writable)
+                taken.append((simple.head, readable, writable))
                 queue.push(simple.head, 0)
                 continue
             chain = queue.pop()
             if chain is None:
                 break
-            part = chain.writable if chain.writable.length else chain.readable
-            buffers = tuple((gpa, length) for gpa, length in chain.readable.buffers + chain.writable.buffers)
-            taken.append((chain.head, buffers, part is chain.writable))
+            taken.append((chain.head, tuple((gpa, length) for gpa, length in chain.readable.buffers),
+                          tuple((gpa, length) for gpa, length in chain.writable.buffers)))
             queue.push(chain.head, 0)
     except RingError as exc:
         taken.append(str(exc))
@@ -157,7 +168,8 @@ def _take_all(queue: Virtqueue, *, direct: bool) -> list[tuple[int, tuple[tuple[
 
 # Mostly what drivers put there (one buffer in RAM, device-readable or -writable), some of anything.
 plain_descriptor = st.tuples(st.integers(0, REGION_B[0] + REGION_B[1] - 0x1000), st.integers(1, 0x1000),
-                             st.sampled_from([0, VIRTQ_DESC_F_WRITE]), st.integers(0, 40))
+                             st.sampled_from([0, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_NEXT,
+                                              VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE]), st.integers(0, 40))
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -17,6 +17,7 @@ import mmap
 import os
 import stat
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from kvmlet.devices.virtio.queue import BufferList
@@ -161,21 +162,22 @@ class BlockBackend:
     def logical_block_size(self) -> int:
         return max(SECTOR_SIZE, self.align)
 
-    def _aligned(self, buffers: BufferList, offset: int) -> bool:
+    def aligned(self, buffers: Iterable[tuple[int, int]], offset: int) -> bool:
+        """Whether guest buffers ``(gpa, length)`` and a drive offset suit O_DIRECT without bouncing."""
         a = self.align
-        return offset % a == 0 and all(gpa % a == 0 and size % a == 0 for gpa, size in buffers.buffers)
+        return offset % a == 0 and all(gpa % a == 0 and size % a == 0 for gpa, size in buffers)
 
     # -- data ---------------------------------------------------------------------------------------
     def read_into(self, buffers: BufferList, offset: int) -> None:
         """Fill ``buffers`` with the drive's bytes from ``offset``."""
-        if not self.direct or self._aligned(buffers, offset):
+        if not self.direct or self.aligned(buffers.buffers, offset):
             preadv_full(self.fd, buffers.views(), offset)
         else:
             self._bounced(buffers, offset, write=False)
 
     def write_from(self, buffers: BufferList, offset: int) -> None:
         """Write ``buffers`` to the drive at ``offset``."""
-        if not self.direct or self._aligned(buffers, offset):
+        if not self.direct or self.aligned(buffers.buffers, offset):
             pwritev_full(self.fd, buffers.views(), offset)
         else:
             self._bounced(buffers, offset, write=True)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import functools
 import os
 import struct
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 from kvmlet.devices.virtio.constants import DeviceType, feature_bit
 from kvmlet.devices.virtio.device import VirtioDevice
 from kvmlet.devices.virtio.fdwatch import FdWatcher
-from kvmlet.devices.virtio.queue import DescriptorChain, Virtqueue
+from kvmlet.devices.virtio.queue import DescriptorChain, DirectChain, Virtqueue
 from kvmlet.devices.virtio.ratelimit import RateLimiter
 from kvmlet.net.tap import VNET_HDR_SIZE, Offload, Tap, TapError
 
@@ -442,73 +443,51 @@ class VirtioNet(VirtioDevice):
 
     # -- transmit --------------------------------------------------------------------------------------
     def _transmit_queue(self, pair: int) -> None:
-        """Send every frame the driver queued on transmitq ``pair`` (as :meth:`drain_queue` would).
-
-        The commonest frame, header and frame in one direct descriptor with a plain header (no
-        segmentation, no flag beyond NEEDS_CSUM), takes a short path: no chain objects, the header
-        bytes copied once and sent as they are. Any other chain, and every chain while a transmit rate
-        limiter is set or the link is down, goes through :meth:`_transmit` with its full checks.
-        """
+        """Send every frame the driver queued on transmitq ``pair``."""
         queue = self.queues[2 * pair + 1]
-        if not self._short_transmit_path():
-            self.drain_queue(queue, lambda chain: self._transmit(pair, chain))
-            return
-        fd = self.tap.write_fd(pair)
-        pop_direct, push, writev = queue.pop_direct, queue.push, os.writev
-        frames = sent = 0
-        try:
-            queue.disable_notification()
-            while True:
-                while (direct := pop_direct()) is not None:
-                    head, _, view, writable = direct
-                    header = bytes(view[:VNET_HDR_SIZE])  # the guest cannot change this copy
-                    if (writable or header[1] or header[0] > VIRTIO_NET_HDR_F_NEEDS_CSUM or header[10]
-                            or header[11] or not _MIN_TX <= len(view) <= _MAX_TX):
-                        queue.undo_pop()       # not plain: the full path takes it
-                        break
-                    try:
-                        writev(fd, (header, view[VNET_HDR_SIZE:]))
-                    except (BlockingIOError, InterruptedError):
-                        queue.undo_pop()
-                        queue.allow_notification()
-                        if self.host is not None:
-                            self.host.schedule_queue(queue.index, 0.001)
-                        return
-                    except OSError as exc:
-                        gone = self._tap_error(exc, pair)
-                        if gone:
-                            self.stats.tx_dropped += 1
-                        else:
-                            self.stats.tx_bad_frames += 1  # e.g. a header the kernel refused
-                        push(head, 0)
-                        if gone:
-                            break      # the full path drops the rest while the link is down
-                        continue
-                    finally:
-                        del view
-                    push(head, 0)
-                    frames += 1
-                    sent += len(direct.view) - VNET_HDR_SIZE
-                chain = queue.pop()
-                if chain is not None:
-                    if not self._transmit(pair, chain):
-                        queue.allow_notification()
-                        return
-                    if not self._short_transmit_path():
-                        self.drain_queue(queue, lambda chain: self._transmit(pair, chain))
-                        return
-                    continue
-                if not queue.enable_notification():
-                    break
-        finally:
-            self.stats.tx_frames += frames
-            self.stats.tx_bytes += sent
-            self.stats.tx_frames_by_queue[pair] += frames
-            self._signal_if_needed(queue)
+        direct = functools.partial(self._transmit_direct, pair, queue, self.tap.write_fd(pair))
+        self.drain_queue(queue, lambda chain: self._transmit(pair, chain), direct)
 
-    def _short_transmit_path(self) -> bool:
-        """Whether plain frames may skip :meth:`_transmit` (no rate limiter to ask, a link to send on)."""
-        return self.tx_rate_limiter is None and self.link_up
+    def _transmit_direct(self, pair: int, queue: Virtqueue, fd: int, direct: DirectChain) -> bool:
+        """The short path for the commonest frames: header and frame in one direct descriptor, or the
+        header in one and the frame in the next, with a plain header (no segmentation, no flag beyond
+        NEEDS_CSUM). The header is copied once and sent as it is. False for any other frame, and for
+        every frame while a transmit rate limiter is set or the link is down: :meth:`_transmit` takes
+        those (and a frame the TAP could not take now, which it retries and reschedules)."""
+        if self.tx_rate_limiter is not None or not self.link_up:
+            return False
+        head, buffers = direct
+        view = buffers[0].view
+        if len(buffers) == 1:
+            frame, size = view[VNET_HDR_SIZE:], len(view)
+        elif len(buffers) == 2 and len(view) == VNET_HDR_SIZE:
+            frame = buffers[1].view
+            size = VNET_HDR_SIZE + len(frame)
+        else:
+            return False
+        header = bytes(view[:VNET_HDR_SIZE])  # the guest cannot change this copy
+        if (buffers[-1].writable or not _MIN_TX <= size <= _MAX_TX or header[1]
+                or header[0] > VIRTIO_NET_HDR_F_NEEDS_CSUM or header[10] or header[11]):
+            return False
+        try:
+            os.writev(fd, (header, frame))
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as exc:
+            if self._tap_error(exc, pair):
+                self.stats.tx_dropped += 1
+            else:
+                self.stats.tx_bad_frames += 1  # e.g. a header the kernel refused
+            queue.push(head, 0)
+            return True
+        finally:
+            del view, frame
+        queue.push(head, 0)
+        stats = self.stats
+        stats.tx_frames += 1
+        stats.tx_bytes += size - VNET_HDR_SIZE
+        stats.tx_frames_by_queue[pair] += 1
+        return True
 
     def _transmit(self, pair: int, chain: DescriptorChain) -> bool:
         queue = self.queues[2 * pair + 1]

@@ -39,6 +39,7 @@ DESCRIPTOR_SIZE = 16
 MAX_QUEUE_SIZE = 32768
 MAX_INDIRECT_ENTRIES = MAX_QUEUE_SIZE
 MAX_CHAIN_BYTES = 1 << 32
+MAX_DIRECT = 4            # descriptors in a chain that pop_direct takes
 
 VIRTQ_DESC_F_NEXT = 1
 VIRTQ_DESC_F_WRITE = 2
@@ -53,6 +54,7 @@ USED_RING_ALIGN = 4
 INDIRECT_TABLE_ALIGN = 8  # the natural alignment of a descriptor's le64 address field
 
 _DESCRIPTOR = struct.Struct("<QIHH")
+_NO_VIEW = memoryview(b"")
 _USED_ELEM = struct.Struct("<II")
 _U16 = struct.Struct("<H")
 
@@ -207,12 +209,22 @@ class DescriptorChain:
 
 
 class DirectBuffer(NamedTuple):
-    """A chain of one direct descriptor (:meth:`Virtqueue.pop_direct`)."""
+    """One buffer of a :class:`DirectChain`."""
+
+    gpa: int                # where the buffer is
+    view: memoryview        # the buffer in guest RAM (checked to lie there, never empty)
+    writable: bool          # device-writable (VIRTQ_DESC_F_WRITE)
+
+
+class DirectChain(NamedTuple):
+    """A short chain of direct descriptors (:meth:`Virtqueue.pop_direct`), device-readable buffers first."""
 
     head: int
-    gpa: int                # where the buffer is
-    view: memoryview        # the buffer in guest RAM (checked to lie there)
-    writable: bool          # device-writable (VIRTQ_DESC_F_WRITE)
+    buffers: list[DirectBuffer]
+
+
+_new_direct_buffer = functools.partial(tuple.__new__, DirectBuffer)
+_new_direct_chain = functools.partial(tuple.__new__, DirectChain)
 
 
 @dataclass
@@ -268,7 +280,7 @@ class Virtqueue:
         self._rings: _Rings | None = None   # set by activate() (or on first use)
         self._no_notify = False             # VIRTQ_USED_F_NO_NOTIFY is set in the used ring
         self._data_region = (0, 0)          # [start, end) of the RAM region that held the last buffer
-        self._data_view: memoryview | None = None   # that region's view (for pop_direct)
+        self._data_view = _NO_VIEW          # that region's view (for pop_direct)
 
     # -- configuration ------------------------------------------------------------------------------
     def set_features(self, *, event_idx: bool, indirect: bool) -> None:
@@ -390,39 +402,64 @@ class Virtqueue:
                 self.stats.last_error = str(exc)
                 self.push(head, 0)
 
-    def pop_direct(self) -> DirectBuffer | None:
-        """The next chain if it is the commonest kind, one direct descriptor with a non-empty buffer in the
-        RAM region of the last buffer seen: (head, a view of the buffer, whether it is device-writable).
+    def pop_direct(self) -> DirectChain | None:
+        """The next chain if it is of the commonest kind, taken without the general parser's objects: at
+        most ``MAX_DIRECT`` direct descriptors, each a non-empty buffer in guest RAM, device-readable ones
+        first (a virtio-net frame, a virtio-blk header, data and status).
 
-        None when the ring is empty or the next chain is any other kind (a chain of several descriptors,
-        an indirect table, an empty or unknown buffer, a broken ring): :meth:`pop` then takes it with
-        every check and error report. Nothing is consumed in that case. The checks made here are those
-        :meth:`pop` makes of such a chain, so either path takes exactly the same chains.
+        None when the ring is empty or the next chain is any other kind (longer, indirect, with an empty
+        or unknown buffer, a broken ring): :meth:`pop` then takes it, with every check and error report.
+        Nothing is consumed in that case. What is checked here is what :meth:`pop` checks of such a
+        chain, so the two take exactly the same chains (a property test holds them to it).
         """
         rings = self._rings
-        data_view = self._data_view
-        if rings is None or data_view is None:
+        if rings is None:
             return None
+        data_view = self._data_view
         next_avail = self.next_avail
         size = self.size
+        buffers: list[DirectBuffer] = []
         try:
             count = (_U16.unpack_from(rings.avail, rings.avail_at + 2)[0] - next_avail) & 0xFFFF
             if not count or count > size:
                 return None
-            head = _U16.unpack_from(rings.avail, rings.avail_at + 4 + 2 * (next_avail % size))[0]
+            head = index = _U16.unpack_from(rings.avail, rings.avail_at + 4 + 2 * (next_avail % size))[0]
             if head >= size:
                 return None
-            addr, length, flags, _ = _DESCRIPTOR.unpack_from(rings.desc, rings.desc_at + DESCRIPTOR_SIZE * head)
             start, end = self._data_region
-            if flags & (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT) or not length or not (
-                    start <= addr and addr + length <= end):
+            descriptors, descriptors_at = rings.desc, rings.desc_at
+            writable = False
+            total = 0
+            for _ in range(MAX_DIRECT):
+                addr, length, flags, next_index = _DESCRIPTOR.unpack_from(
+                    descriptors, descriptors_at + DESCRIPTOR_SIZE * index)
+                if flags & VIRTQ_DESC_F_INDIRECT or not length:
+                    return None
+                if not (start <= addr and addr + length <= end):
+                    if not self._in_ram(addr, length):
+                        return None
+                    start, end = self._data_region
+                    data_view = self._data_view
+                if flags & VIRTQ_DESC_F_WRITE:
+                    writable = True
+                elif writable:
+                    return None   # readable after writable: pop() reports it
+                total += length
+                buffers.append(_new_direct_buffer((addr, data_view[addr - start:addr - start + length], writable)))
+                if not flags & VIRTQ_DESC_F_NEXT:
+                    break
+                if next_index >= size:
+                    return None
+                index = next_index
+            else:
+                return None       # longer (or a loop): pop() takes it
+            if total > MAX_CHAIN_BYTES:
                 return None
-            view = data_view[addr - start:addr - start + length]
-        except ValueError:  # the memory was closed: pop() reports it
+        except ValueError:        # the memory was closed: pop() reports it
             return None
         self.next_avail = (next_avail + 1) & 0xFFFF
         self.stats.chains += 1
-        return DirectBuffer(head, addr, view, bool(flags & VIRTQ_DESC_F_WRITE))
+        return _new_direct_chain((head, buffers))
 
     def undo_pop(self) -> None:
         """Put the last chain taken back (e.g. when a rate limiter defers it)."""
