@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 DEFAULT_MEMORY = 128 * MiB
 DEFAULT_CMDLINE = "console=ttyS0 earlyprintk=serial,ttyS0 reboot=k panic=1"
-MAX_VCPUS_SUPPORTED = 40  # what kvmlet's MP table fits in the 1 KiB EBDA (kvmlet.boot.mptable.MAX_CPUS)
+MAX_VCPUS_SUPPORTED = 254  # what the MP table's 8-bit APIC ids describe (kvmlet.boot.mptable.MAX_CPUS)
 
 
 class ConfigError(ValueError):
@@ -63,7 +63,7 @@ class MachineConfig:
             raise ConfigError(f"--vcpus must be at least 1 (got {self.vcpus})")
         if self.vcpus > MAX_VCPUS_SUPPORTED:
             raise ConfigError(f"--vcpus {self.vcpus}: kvmlet supports at most {MAX_VCPUS_SUPPORTED} vCPUs "
-                              "(the MP table it writes lives in the 1 KiB EBDA)")
+                              "(8-bit APIC ids in the MP and ACPI tables, one taken by the I/O APIC)")
         if max_vcpus is not None and self.vcpus > max_vcpus:
             raise ConfigError(f"--vcpus {self.vcpus} is more than this host's KVM allows ({max_vcpus})")
         if self.memory <= 0:

@@ -32,11 +32,14 @@ def memory() -> Iterator[GuestMemory]:
 # -- layout -----------------------------------------------------------------------------------------
 
 
-def test_boot_structures_are_disjoint_and_below_the_ebda_end() -> None:
+def test_boot_structures_are_disjoint_and_outside_the_vga_hole() -> None:
+    """In base memory (below the VGA hole) or in the BIOS area (reserved in the e820 map)."""
     areas = sorted(layout.BOOT_STRUCTURES, key=lambda a: a.start)
     for a, b in itertools.pairwise(areas):
         assert a.end <= b.start, f"{a.name} overlaps {b.name}"
-    assert areas[-1].end <= layout.VGA_HOLE_START
+    for area in areas:
+        assert area.end <= layout.VGA_HOLE_START or (
+            area.start >= layout.BIOS_AREA_START and area.end <= layout.BIOS_AREA_END), area.name
     assert layout.PAGE_TABLES_END == 0xF000
     assert layout.PVH_MODLIST_ADDR + layout.PVH_MODLIST_ENTRY_SIZE <= layout.PVH_AREA_END
 
@@ -165,13 +168,14 @@ def test_pvh_state() -> None:
 # -- MP table ---------------------------------------------------------------------------------------
 
 
-def _parse_mptable(raw: bytes, base: int) -> tuple[dict[str, int], list[tuple[int, ...]]]:
-    """Check the checksums and return the config header fields and the entries."""
+def _parse_mptable(raw: bytes, config: bytes, config_base: int) -> tuple[dict[str, int], list[tuple[int, ...]]]:
+    """Check the floating pointer (``raw``) and the configuration table (``config``, at ``config_base``);
+    return the config header fields and the entries."""
     assert raw[:4] == b"_MP_"
     assert sum(raw[:16]) % 256 == 0
     pointer, length, rev = struct.unpack_from("<IBB", raw, 4)
     assert (length, rev) == (1, 4)
-    config = raw[pointer - base :]
+    assert pointer == config_base
     assert config[:4] == b"PCMP"
     (
         base_length,
@@ -212,8 +216,7 @@ def _parse_mptable(raw: bytes, base: int) -> tuple[dict[str, int], list[tuple[in
 
 def test_mptable_for_two_cpus(memory: GuestMemory) -> None:
     write_mptable(memory, 2)
-    raw = memory.read(0x9FC00, 0x400)
-    header, entries = _parse_mptable(raw, 0x9FC00)
+    header, entries = _parse_mptable(memory.read(0x9FC00, 0x400), memory.read(0xF8000, 0x8000), 0xF8000)
     assert header["lapic"] == 0xFEE00000
     assert header["spec"] == 4
     cpus = [e for e in entries if e[0] == 0]
@@ -232,16 +235,17 @@ def test_mptable_for_two_cpus(memory: GuestMemory) -> None:
     assert memory.read_u16(0x413) == 639
 
 
-def test_mptable_size_limits() -> None:
-    assert MAX_CPUS == 40
-    assert mptable_size(MAX_CPUS) <= 0x400 < mptable_size(MAX_CPUS + 1)
-    table = build_mptable(MAX_CPUS)
-    header, _ = _parse_mptable(table, 0x9FC00)
+def test_mptable_size_limits(memory: GuestMemory) -> None:
+    """The configuration table lives in the BIOS area, so the format's own limit is kvmlet's."""
+    assert MAX_CPUS == 254
+    assert mptable_size(MAX_CPUS) <= 0x8000
+    write_mptable(memory, MAX_CPUS)
+    header, entries = _parse_mptable(memory.read(0x9FC00, 0x400), memory.read(0xF8000, 0x8000), 0xF8000)
     assert header["count"] == MAX_CPUS + 19
-    with pytest.raises(
-        BootImageError, match=r"the MP table for 41 vCPUs needs 1032 bytes .* at most 40 vCPUs"
-    ):
-        build_mptable(41)
+    assert [e[1] for e in entries if e[0] == 0] == list(range(MAX_CPUS))
+    assert [e[1] for e in entries if e[0] == 2] == [MAX_CPUS]   # the I/O APIC's id: 254, below broadcast
+    pointer, config = build_mptable(3)
+    assert len(pointer) == 16 and len(config) == mptable_size(3)
     with pytest.raises(BootImageError, match="more than the MP table can describe"):
         build_mptable(255)
     with pytest.raises(BootImageError, match="at least one vCPU"):

@@ -40,6 +40,16 @@ def test_guest_boots_smp(run_guest: RunGuest, vcpus: int) -> None:
     assert run.passed("smp") and run.passed("cpl3")
 
 
+def test_more_vcpus_than_the_ebda_holds(run_guest: RunGuest) -> None:
+    """48 vCPUs: more processor entries than the 1 KiB EBDA holds; the guest finds the configuration
+    table in the BIOS area through the floating pointer and starts every application processor."""
+    run = run_guest("smp", vcpus=48)
+    assert run.status.code == 0, run.output
+    assert "MPTABLE at=0x9fc00 config=0xf8000" in run.output
+    assert f"apic_ids={','.join(map(str, range(48)))}" in run.output
+    assert "SMP cpus=48 started=47" in run.output and run.passed("smp")
+
+
 def test_exit_status_is_what_the_guest_reports(run_guest: RunGuest) -> None:
     run = run_guest("serial", extra="kvmlet.exit=7")
     assert run.status.kind is StopKind.GUEST_EXIT

@@ -11,10 +11,11 @@ from __future__ import annotations
 import struct
 
 from kvmlet.boot.errors import BootImageError
+from kvmlet.boot.layout import BIOS_AREA_START, MP_CONFIG_ADDR
 from kvmlet.memory import GuestMemory
 
-ACPI_START = 0xF0000   # the BIOS area, reserved in the e820 map
-ACPI_END = 0x100000
+ACPI_START = BIOS_AREA_START   # the BIOS area, reserved in the e820 map
+ACPI_END = MP_CONFIG_ADDR      # the second half holds the MP configuration table
 OEM_ID = b"KVMLET"
 OEM_TABLE_ID = b"KVMLETVM"
 CREATOR_ID = b"KVML"

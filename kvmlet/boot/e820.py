@@ -53,7 +53,7 @@ class E820Entry:
 def build_e820(memory: GuestMemory) -> list[E820Entry]:
     """The memory map of ``memory``: base RAM, the EBDA and BIOS area reserved, high RAM.
 
-    The region at GPA 0 is split as a PC's is: RAM up to the EBDA, the EBDA (holding the MP table)
+    The region at GPA 0 is split as a PC's is: RAM up to the EBDA, the EBDA (holding the MP floating pointer)
     reserved, the VGA/option-ROM hole left out, the BIOS area reserved, and RAM from 1 MiB to the
     region's end. Every other region (RAM above the 4 GiB hole) is RAM.
     """

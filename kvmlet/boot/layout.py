@@ -17,9 +17,10 @@ initrd go at or above :data:`HIGH_MEMORY_START`.
     0x0a000-0x0afff  PDPT
     0x0b000-0x0efff  4 page directories (2 MiB pages): identity map of 0-4 GiB
     0x20000-0x2ffff  kernel command line (the kernel's own limit is usually 2 KiB)
-    0x9fc00-0x9ffff  EBDA, holding the Intel MP table (floating pointer + configuration table)
+    0x9fc00-0x9ffff  EBDA, holding the Intel MP floating pointer
     0xa0000-0xeffff  legacy VGA / option ROM hole: not reported in the e820 map
-    0xf0000-0xfffff  BIOS area: reserved in the e820 map
+    0xf0000-0xf7fff  BIOS area (reserved in the e820 map): ACPI tables
+    0xf8000-0xfffff  BIOS area: the MP configuration table (up to 254 vCPUs)
     0x100000-        high memory: the kernel, then the initrd at the top of low RAM
 
 Note: the IDT is at 0x540, not 0x520 as in Firecracker's layout, because the GDT here has 7
@@ -74,11 +75,12 @@ CMDLINE_MAX_SIZE = 0x10000  # including the NUL; the kernel's limit (2048 for Li
 
 EBDA_START = 0x9FC00
 EBDA_END = 0xA0000
-MPTABLE_ADDR = EBDA_START
+MPTABLE_ADDR = EBDA_START          # the MP floating pointer
 
 VGA_HOLE_START = 0xA0000
 BIOS_AREA_START = 0xF0000
 BIOS_AREA_END = 0x100000
+MP_CONFIG_ADDR = 0xF8000           # the MP configuration table, in the second half of the BIOS area
 
 HIGH_MEMORY_START = 0x100000
 
@@ -104,7 +106,9 @@ BOOT_STRUCTURES: tuple[BootArea, ...] = (
     BootArea("boot stack", BOOT_STACK_BOTTOM, BOOT_STACK_TOP),
     BootArea("page tables", PML4_ADDR, PAGE_TABLES_END),
     BootArea("command line", CMDLINE_ADDR, CMDLINE_ADDR + CMDLINE_MAX_SIZE),
-    BootArea("EBDA (MP table)", EBDA_START, EBDA_END),
+    BootArea("EBDA (MP floating pointer)", EBDA_START, EBDA_END),
+    BootArea("ACPI tables", BIOS_AREA_START, MP_CONFIG_ADDR),
+    BootArea("MP configuration table", MP_CONFIG_ADDR, BIOS_AREA_END),
 )
 
 

@@ -1,18 +1,20 @@
-"""Intel MultiProcessor Specification 1.4 tables, in the EBDA at 0x9fc00.
+"""Intel MultiProcessor Specification 1.4 tables: the floating pointer in the EBDA at 0x9fc00, the
+configuration table in the BIOS area at 0xf8000.
 
-The MP floating pointer structure (16 bytes, "_MP_") comes first, then the MP configuration table
-("PCMP") it points to: one processor entry per vCPU, an ISA bus, one I/O APIC, the ISA interrupts
-routed to the I/O APIC and the two local interrupts (ExtINT on LINT0, NMI on LINT1). An OS finds
-the floating pointer by scanning the last KiB of base memory (639-640 KiB) or the EBDA, whose
-segment the BIOS data area at 0x40e holds.
+The MP floating pointer structure (16 bytes, "_MP_") points to the MP configuration table ("PCMP"): one
+processor entry per vCPU, an ISA bus, one I/O APIC, the ISA interrupts routed to the I/O APIC and the two
+local interrupts (ExtINT on LINT0, NMI on LINT1). An OS finds the floating pointer by scanning the last
+KiB of base memory (639-640 KiB) or the EBDA, whose segment the BIOS data area at 0x40e holds; the
+configuration table may be anywhere (section 4), and in the BIOS area (reserved in the e820 map) it has
+room for every vCPU the format can describe.
 
 ISA IRQ 0 (the PIT) is routed to I/O APIC pin 2, as on a PC; IRQ 2 (the PIC cascade) is not listed.
 The VMM's interrupt routing must match: GSI 0 -> I/O APIC pin 2 (KVM's default routing sends GSI 0
 to pin 0; QEMU installs this override with KVM_SET_GSI_ROUTING).
 
-Everything must fit in the 1 KiB EBDA: 16 + 44 + 20 per CPU + 152 bytes of other entries, so at
-most 40 vCPUs. (APIC ids are 8-bit and the I/O APIC takes id = number of CPUs, so the format itself
-allows 254.)
+The configuration table takes 44 + 20 per CPU + 152 bytes of other entries; its 32 KiB hold the most
+the format allows: 254 vCPUs (APIC ids are 8-bit, the I/O APIC takes id = number of CPUs and 0xff is
+the broadcast id).
 """
 
 from __future__ import annotations
@@ -21,7 +23,15 @@ import enum
 import struct
 
 from kvmlet.boot.errors import BootImageError
-from kvmlet.boot.layout import BDA_BASE_MEMORY_KIB, BDA_EBDA_SEGMENT, EBDA_END, EBDA_START, MPTABLE_ADDR
+from kvmlet.boot.layout import (
+    BDA_BASE_MEMORY_KIB,
+    BDA_EBDA_SEGMENT,
+    BIOS_AREA_END,
+    EBDA_END,
+    EBDA_START,
+    MP_CONFIG_ADDR,
+    MPTABLE_ADDR,
+)
 from kvmlet.memory import GuestMemory
 
 SPEC_REVISION = 4  # 1.4
@@ -77,30 +87,22 @@ _FIXED_ENTRIES_SIZE = BUS_ENTRY.size + IO_APIC_ENTRY.size + INTERRUPT_ENTRY.size
 
 
 def mptable_size(cpus: int) -> int:
-    """Bytes the floating pointer and configuration table take for ``cpus`` vCPUs."""
-    return FLOATING_POINTER.size + CONFIG_HEADER.size + PROCESSOR_ENTRY.size * cpus + _FIXED_ENTRIES_SIZE
+    """Bytes the configuration table takes for ``cpus`` vCPUs."""
+    return CONFIG_HEADER.size + PROCESSOR_ENTRY.size * cpus + _FIXED_ENTRIES_SIZE
 
 
-MAX_CPUS = min(
-    FORMAT_MAX_CPUS,
-    (EBDA_END - MPTABLE_ADDR - FLOATING_POINTER.size - CONFIG_HEADER.size - _FIXED_ENTRIES_SIZE)
-    // PROCESSOR_ENTRY.size,
-)
+MAX_CPUS = min(FORMAT_MAX_CPUS,
+               (BIOS_AREA_END - MP_CONFIG_ADDR - CONFIG_HEADER.size - _FIXED_ENTRIES_SIZE) // PROCESSOR_ENTRY.size)
 
 
 def check_cpu_count(cpus: int) -> None:
     """Raise BootImageError unless an MP table for ``cpus`` vCPUs can be built."""
     if cpus < 1:
         raise BootImageError(f"the VM needs at least one vCPU (got {cpus})")
-    if cpus > FORMAT_MAX_CPUS:
-        raise BootImageError(
-            f"{cpus} vCPUs is more than the MP table can describe ({FORMAT_MAX_CPUS}: 8-bit APIC ids, "
-            f"one taken by the I/O APIC)"
-        )
     if cpus > MAX_CPUS:
         raise BootImageError(
-            f"the MP table for {cpus} vCPUs needs {mptable_size(cpus)} bytes but the EBDA at "
-            f"{EBDA_START:#x} holds {EBDA_END - EBDA_START}; kvmlet supports at most {MAX_CPUS} vCPUs"
+            f"{cpus} vCPUs is more than the MP table can describe ({MAX_CPUS}: 8-bit APIC ids, "
+            f"one taken by the I/O APIC)"
         )
 
 
@@ -109,8 +111,8 @@ def _checksum(data: bytes | bytearray) -> int:
     return (-sum(data)) & 0xFF
 
 
-def build_mptable(cpus: int, base: int = MPTABLE_ADDR) -> bytes:
-    """The floating pointer followed by the configuration table, to be placed at ``base``."""
+def build_mptable(cpus: int, config_base: int = MP_CONFIG_ADDR) -> tuple[bytes, bytes]:
+    """The floating pointer and the configuration table, the latter to be placed at ``config_base``."""
     check_cpu_count(cpus)
     entries = bytearray()
     for cpu in range(cpus):
@@ -164,7 +166,7 @@ def build_mptable(cpus: int, base: int = MPTABLE_ADDR) -> bytes:
     pointer = bytearray(
         FLOATING_POINTER.pack(
             b"_MP_",
-            base + FLOATING_POINTER.size,
+            config_base,
             1,
             SPEC_REVISION,
             0,
@@ -173,12 +175,15 @@ def build_mptable(cpus: int, base: int = MPTABLE_ADDR) -> bytes:
         )
     )
     pointer[10] = _checksum(pointer)
-    return bytes(pointer) + config
+    return bytes(pointer), config
 
 
 def write_mptable(memory: GuestMemory, cpus: int) -> None:
-    """Write the MP table into the EBDA and point the BIOS data area at the EBDA."""
-    table = build_mptable(cpus, MPTABLE_ADDR)
-    memory.write(EBDA_START, table + bytes(EBDA_END - EBDA_START - len(table)))
+    """Write the floating pointer into the EBDA and the configuration table into the BIOS area, and
+    point the BIOS data area at the EBDA."""
+    pointer, config = build_mptable(cpus, MP_CONFIG_ADDR)
+    memory.write(EBDA_START, bytes(MPTABLE_ADDR - EBDA_START) + pointer
+                 + bytes(EBDA_END - MPTABLE_ADDR - len(pointer)))
+    memory.write(MP_CONFIG_ADDR, config + bytes(BIOS_AREA_END - MP_CONFIG_ADDR - len(config)))
     memory.write_u16(BDA_EBDA_SEGMENT, EBDA_START >> 4)
     memory.write_u16(BDA_BASE_MEMORY_KIB, EBDA_START >> 10)
