@@ -104,7 +104,7 @@ class EventLoopThread:
             loop.call_soon_threadsafe(loop.stop)
             thread.join(STOP_TIMEOUT)
             if thread.is_alive():  # a callback is stuck: the loop is still running and cannot be closed
-                log.warning("event-loop thread %s did not stop within %.0f s; it ends with the process",
+                log.warning("event-loop thread %s did not stop within %g s; it ends with the process",
                             self._name, STOP_TIMEOUT)
                 return
         if not loop.is_closed():  # never started, or its thread ended without closing it (an error)

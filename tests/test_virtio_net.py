@@ -285,11 +285,15 @@ def test_one_batch_of_plain_and_other_frames_keeps_their_order(rig: NetRig) -> N
         [(*ring.buffer(plain_header() + frames[5]), False)],                    # plain again
     ]
     heads = [ring.add_chain(parts) for parts in layouts]
+    parsed: list[int] = []
+    full_path = rig.device._transmit
+    rig.device._transmit = lambda pair, chain: parsed.append(chain.head) or full_path(pair, chain)  # type: ignore[method-assign]
     with packet_socket(rig.tap_name) as sock:
         ring.publish(*heads)
         rig.driver.notify(1)
         assert rig.wait_used(1, 6) == [(head, 0) for head in heads]
         assert receive_matching(sock, count=5) == [frames[i] for i in (0, 1, 2, 3, 5)]
+    assert parsed == [heads[i] for i in (2, 3, 4)]   # the plain frames never reached the full path
     stats = rig.device.stats
     assert (stats.tx_frames, stats.tx_bad_frames) == (5, 1)
     assert stats.tx_bytes == sum(len(frames[i]) for i in (0, 1, 2, 3, 5))

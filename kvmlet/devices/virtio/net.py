@@ -445,7 +445,9 @@ class VirtioNet(VirtioDevice):
     def _transmit_queue(self, pair: int) -> None:
         """Send every frame the driver queued on transmitq ``pair``."""
         queue = self.queues[2 * pair + 1]
-        direct = functools.partial(self._transmit_direct, pair, queue, self.tap.write_fd(pair))
+        direct = None
+        if self.tx_rate_limiter is None and self.link_up:
+            direct = functools.partial(self._transmit_direct, pair, queue, self.tap.write_fd(pair))
         self.drain_queue(queue, lambda chain: self._transmit(pair, chain), direct)
 
     def _transmit_direct(self, pair: int, queue: Virtqueue, fd: int, direct: DirectChain) -> bool:
@@ -454,7 +456,7 @@ class VirtioNet(VirtioDevice):
         NEEDS_CSUM). The header is copied once and sent as it is. False for any other frame, and for
         every frame while a transmit rate limiter is set or the link is down: :meth:`_transmit` takes
         those (and a frame the TAP could not take now, which it retries and reschedules)."""
-        if self.tx_rate_limiter is not None or not self.link_up:
+        if not self.link_up:   # the link went down during this drain
             return False
         head, buffers = direct
         view = buffers[0].view
