@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from kvmlet.devices.irq import NullInterrupt
 from kvmlet.devices.virtio.blk import RequestType, Status, VirtioBlock
-from kvmlet.devices.virtio.blk_backend import BlockBackend
+from kvmlet.devices.virtio.blk_backend import BlockBackend, BlockBackendError
 from kvmlet.devices.virtio.mmio import MmioTransport
 from kvmlet.devices.virtio.ratelimit import RateLimiter, RateLimiterConfig, TokenBucketConfig
 from kvmlet.memory import GuestMemory
@@ -81,10 +81,10 @@ request = st.tuples(common_kinds, st.integers(0, SECTORS + 2), st.lists(data_par
 
 
 def _outcomes(memory: GuestMemory, path: Path, requests: list[tuple[int, int, list[tuple[int, bool]], bool, int]],
-              *, short_path: bool, readonly: bool) -> tuple[object, ...]:
+              *, short_path: bool, readonly: bool, direct: bool = False) -> tuple[object, ...]:
     """Run the requests as one batch; what the driver and the image see afterwards."""
     limiter = None if short_path else RateLimiter(RateLimiterConfig(ops=TokenBucketConfig(size=10**9)))
-    device = VirtioBlock(BlockBackend.open(str(path), readonly=readonly), rate_limiter=limiter)
+    device = VirtioBlock(BlockBackend.open(str(path), readonly=readonly, direct=direct), rate_limiter=limiter)
     transport = MmioTransport(device, memory, NullInterrupt())
     memory.fill(0, 4 << 20)
     try:
@@ -95,7 +95,12 @@ def _outcomes(memory: GuestMemory, path: Path, requests: list[tuple[int, int, li
         for kind, sector, parts, with_status, fill in requests:
             chain = [(*ring.buffer(struct.pack("<IIQ", kind, 0, sector)), False)]
             for length, writes in parts:
-                chain.append((*ring.buffer(bytes([fill]) * length), writes))
+                if direct and fill % 2 == 0:   # half of them aligned for O_DIRECT: no bounce buffer
+                    gpa = ring.alloc(length, 4096)
+                    memory.write(gpa, bytes([fill]) * length)
+                    chain.append((gpa, length, writes))
+                else:
+                    chain.append((*ring.buffer(bytes([fill]) * length), writes))
             if with_status:
                 chain.append((*ring.buffer(b"\xee"), True))
             heads.append(ring.add_chain(chain))
@@ -124,6 +129,31 @@ def test_short_path_answers_as_the_full_path(setup: tuple[GuestMemory, Path], tm
     for short_path in (True, False):
         path.write_bytes(before)
         results.append(_outcomes(memory, path, requests, short_path=short_path, readonly=readonly))
+    path.write_bytes(before)
+    assert results[0] == results[1]
+
+
+direct_request = st.tuples(st.sampled_from([int(RequestType.IN), int(RequestType.OUT)]), st.integers(0, SECTORS + 2),
+                           st.lists(st.tuples(st.sampled_from([512, 1024, 4096]), st.booleans()), min_size=1,
+                                    max_size=2), st.just(True), st.integers(0, 255))
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(requests=st.lists(direct_request | request, min_size=1, max_size=8))
+def test_short_path_answers_as_the_full_path_with_direct_io(
+        setup: tuple[GuestMemory, Path], requests: list[tuple[int, int, list[tuple[int, bool]], bool, int]]) -> None:
+    """The same with O_DIRECT: aligned buffers take the short path, the others (DriverRing places buffers
+    on 16-byte boundaries) the full path's bounce buffer, with the same answers."""
+    memory, path = setup
+    try:
+        BlockBackend.open(str(path), direct=True).close()
+    except BlockBackendError as exc:
+        pytest.skip(f"the temporary directory's file system has no O_DIRECT: {exc}")
+    before = path.read_bytes()
+    results = []
+    for short_path in (True, False):
+        path.write_bytes(before)
+        results.append(_outcomes(memory, path, requests, short_path=short_path, readonly=False, direct=True))
     path.write_bytes(before)
     assert results[0] == results[1]
 
