@@ -453,9 +453,9 @@ class VirtioNet(VirtioDevice):
     def _transmit_direct(self, pair: int, queue: Virtqueue, fd: int, direct: DirectChain) -> bool:
         """The short path for the commonest frames: header and frame in one direct descriptor, or the
         header in one and the frame in the next, with a plain header (no segmentation, no flag beyond
-        NEEDS_CSUM). The header is copied once and sent as it is. False for any other frame, and for
-        every frame while a transmit rate limiter is set or the link is down: :meth:`_transmit` takes
-        those (and a frame the TAP could not take now, which it retries and reschedules)."""
+        NEEDS_CSUM). The header is copied once and sent as it is. False for any other frame, and once
+        the link is down: :meth:`_transmit` takes those (and a frame the TAP could not take now, which
+        it retries and reschedules). Not offered at all while a transmit rate limiter is set."""
         if not self.link_up:   # the link went down during this drain
             return False
         head, buffers = direct
