@@ -194,7 +194,7 @@ class VirtioBlock(VirtioDevice):
                 stats.bytes_written += length
         except OSError as exc:
             result = Status.IOERR
-            self._count_failure(result, f"request {head}: {backend.path}: {exc.strerror or exc}")
+            self._host_io_failed(head, exc)
         finally:
             views.clear()
         status.view[0] = result
@@ -255,10 +255,12 @@ class VirtioBlock(VirtioDevice):
             self._count_failure(status, f"request {chain.head}: {exc}")
         except OSError as exc:
             status = Status.IOERR
-            self._count_failure(status, f"request {chain.head}: {self.backend.path}: "
-                                        f"{exc.strerror or exc}")
+            self._host_io_failed(chain.head, exc)
         status_part.write(bytes([status]))
         return used
+
+    def _host_io_failed(self, head: int, exc: OSError) -> None:
+        self._count_failure(Status.IOERR, f"request {head}: {self.backend.path}: {exc.strerror or exc}")
 
     def _count_failure(self, status: Status, message: str) -> None:
         if status is Status.UNSUPP:

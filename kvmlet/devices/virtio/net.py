@@ -476,26 +476,31 @@ class VirtioNet(VirtioDevice):
         except (BlockingIOError, InterruptedError):
             return False
         except OSError as exc:
-            if self._tap_error(exc, pair):
-                self.stats.tx_dropped += 1
-            else:
-                self.stats.tx_bad_frames += 1  # e.g. a header the kernel refused
-            queue.push(head, 0)
+            self._sent(pair, queue, head, size, exc)
             return True
         finally:
             del view, frame
+        self._sent(pair, queue, head, size)
+        return True
+
+    def _sent(self, pair: int, queue: Virtqueue, head: int, size: int, error: OSError | None = None) -> None:
+        """Give a transmitted chain back and count it: sent, or what the TAP's refusal means."""
         queue.push(head, 0)
         stats = self.stats
-        stats.tx_frames += 1
-        stats.tx_bytes += size - VNET_HDR_SIZE
-        stats.tx_frames_by_queue[pair] += 1
-        return True
+        if error is None:
+            stats.tx_frames += 1
+            stats.tx_bytes += size - VNET_HDR_SIZE
+            stats.tx_frames_by_queue[pair] += 1
+        elif self._tap_error(error, pair):
+            stats.tx_dropped += 1
+        else:
+            stats.tx_bad_frames += 1  # e.g. a GSO header the kernel refused
 
     def _transmit(self, pair: int, chain: DescriptorChain) -> bool:
         queue = self.queues[2 * pair + 1]
         frame = chain.readable
         size = frame.length
-        if chain.writable.length or not VNET_HDR_SIZE + ETH_HLEN <= size <= VNET_HDR_SIZE + MAX_FRAME:
+        if chain.writable.length or not _MIN_TX <= size <= _MAX_TX:
             self.stats.tx_bad_frames += 1
             self.stats.last_error = f"transmit chain {chain.head}: {size} device-readable bytes " \
                                     f"({chain.writable.length} writable) is not a frame"
@@ -532,19 +537,12 @@ class VirtioNet(VirtioDevice):
                 self.host.schedule_queue(queue.index, 0.001)
             return False
         except OSError as exc:
-            if self._tap_error(exc, pair):
-                self.stats.tx_dropped += 1
-            else:
-                self.stats.tx_bad_frames += 1  # e.g. a GSO header the kernel refused
-            queue.push(chain.head, 0)
+            self._sent(pair, queue, chain.head, size, exc)
             return True
         finally:
             views.clear()
             iov.clear()
-        queue.push(chain.head, 0)
-        self.stats.tx_frames += 1
-        self.stats.tx_bytes += size - VNET_HDR_SIZE
-        self.stats.tx_frames_by_queue[pair] += 1
+        self._sent(pair, queue, chain.head, size)
         return True
 
     def _tx_header(self, raw: bytes) -> bytes | None:
