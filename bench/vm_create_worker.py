@@ -19,9 +19,10 @@ CMDLINE = "console=ttyS0 kvmlet.test="
 
 
 def create_vms(count: int, memory_mib: int, guest: Path, warmup: int = 2) -> dict[str, Any]:
-    from kvmlet.config import MachineConfig
+    from kvmlet.config import simple_config
     from kvmlet.devices.legacy.console import BufferConsole
-    from kvmlet.vm import Machine, StopKind
+    from kvmlet.eventloop import EventLoopThread
+    from kvmlet.machine import StopKind, build_machine
 
     image = guest.read_bytes()
     samples: dict[str, list[dict[str, float]]] = {"wait": [], "background": []}
@@ -29,15 +30,16 @@ def create_vms(count: int, memory_mib: int, guest: Path, warmup: int = 2) -> dic
         mode = "wait" if index % 2 == 0 else "background"
         console = BufferConsole()
         started = time.perf_counter()
-        machine = Machine(MachineConfig(kernel=guest, cmdline=CMDLINE, memory=memory_mib << 20, console="none"),
-                          console=console, kernel_image=image)
+        events = EventLoopThread()
+        machine = build_machine(simple_config(guest, cmdline=CMDLINE, mem_size_mib=memory_mib, console="none"),
+                                events, console=console, kernel_image=image)
         try:
-            machine.build()
             built = time.perf_counter()
             status = machine.run(timeout=30)
             ran = time.perf_counter()
         finally:
             machine.close(wait=mode == "wait")
+            events.stop()
         closed = time.perf_counter()
         if status.kind is not StopKind.GUEST_EXIT or status.code != 0:
             raise RuntimeError(f"VM {index}: {status.message}; console: {console.output()[-200:]!r}")

@@ -168,6 +168,7 @@ const char *check_smp(void);
 const char *check_uart_rx(void);
 const char *check_uart_thre(void);
 const char *check_echo(void);
+const char *check_ctrlaltdel(void); /* ctrlaltdel.c: PS/2 keyboard through the i8042 */
 /* virtio_*.c: virtio-mmio devices */
 const char *check_virtio_probe(void);
 const char *check_virtio_blk(void);

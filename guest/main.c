@@ -14,7 +14,7 @@ static const struct check checks[] = {
     { "smp", check_smp },             { "uart-rx", check_uart_rx },
     { "uart-thre", check_uart_thre }, { "echo", check_echo },
     { "cpuid", check_cpuid },         { "emufail", check_emufail },
-    { "reset", check_reset },
+    { "reset", check_reset },         { "ctrlaltdel", check_ctrlaltdel },
     { "emufail-insn", check_emufail_insn },
     { "virtio-probe", check_virtio_probe },
     { "virtio-blk", check_virtio_blk },

@@ -13,24 +13,26 @@ def _run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     run.add_argument("--kernel", type=Path, help="vmlinux (ELF), bzImage or PVH ELF to boot")
     run.add_argument("--initrd", type=Path, help="initial ramdisk")
     run.add_argument("--cmdline", help="kernel command line")
-    run.add_argument("--vcpus", type=int, default=1, help="number of vCPUs (default 1)")
-    run.add_argument("--memory", default="128M", help="guest memory, e.g. 128M or 2G (default 128M)")
-    run.add_argument("--boot", choices=("auto", "linux64", "pvh"), default="auto",
+    run.add_argument("--config-file", type=Path,
+                     help="a Firecracker-style JSON VM configuration (the flags below add to it or override it)")
+    run.add_argument("--vcpus", type=int, help="number of vCPUs (default 1)")
+    run.add_argument("--memory", help="guest memory, e.g. 128M or 2G (default 128M)")
+    run.add_argument("--boot", choices=("auto", "linux64", "pvh"),
                      help="boot protocol: the 64-bit Linux entry or the PVH entry (default auto)")
-    run.add_argument("--console", default="stdio",
+    run.add_argument("--console",
                      help="serial console: stdio, file:PATH, socket:PATH or none (default stdio)")
     run.add_argument("--stats", action="store_true", help="print exits by reason per vCPU at exit")
     run.add_argument("--boot-timer", action="store_true",
                      help="print the start-up breakdown (imports, VM set-up, image load, first byte)")
     run.add_argument("--timeout", type=float, help="stop the VM after this many seconds")
     run.add_argument("--drive", action="append", default=[], metavar="SPEC",
-                     help="a virtio-blk drive (repeatable): path=FILE[,readonly=on][,direct=on][,id=NAME]"
+                     help="a virtio-blk drive (repeatable): path=FILE[,readonly=on][,direct=on][,id=NAME][,root=on]"
                           "[,bps=SIZE][,bps-burst=SIZE][,iops=N][,iops-burst=N][,refill-ms=MS]")
     run.add_argument("--rng", nargs="?", const="", default=None, metavar="SPEC",
                      help="a virtio-rng entropy device, optionally rate limited: [bps=SIZE][,bps-burst=SIZE]"
                           "[,refill-ms=MS]")
     run.add_argument("--net", action="append", default=[], metavar="SPEC",
-                     help="a virtio-net interface on a TAP (repeatable): tap=NAME|auto[,mac=MAC][,queues=N]"
+                     help="a virtio-net interface on a TAP (repeatable): tap=NAME|auto[,id=NAME][,mac=MAC][,queues=N]"
                           "[,offload=on|off][,mtu=N][,address=IP/LEN][,bridge=BR][,rx-bps=SIZE][,rx-pps=N]"
                           "[,tx-bps=SIZE][,tx-pps=N][,...-burst=N][,refill-ms=MS]")
     run.add_argument("--vsock", metavar="SPEC",

@@ -1,7 +1,19 @@
-"""The event-loop thread that owns device file descriptors (console input, sockets, eventfds).
+"""The event loop: the one way devices, consoles, the API server and the machine reach the loop thread.
 
-The asyncio loop (and asyncio itself, a large import) is created on first use: a VM whose devices never
-need it (console output only, no input to read) starts without it, which keeps cold start short.
+:class:`EventLoop` is the interface (watch a descriptor, run a timer, call soon, run a coroutine);
+:class:`EventLoopThread` implements it with an asyncio loop on its own thread. It is created by whoever
+drives kvmlet (``kvmlet run``, the API server) and passed into the machine, so an API server can run
+before any VM exists and outlive it.
+
+The asyncio loop (asyncio is a large import) is created on first use: a VM whose devices never need it
+starts without it, which keeps cold start short.
+
+Watching and unwatching work from any thread. On the loop thread itself, or while the loop is not
+running, the change is immediate; from another thread (a vCPU thread resetting a device, with the
+transport's lock held) it is queued to the loop and not waited for, so a device can never deadlock
+against a loop callback waiting for the same lock. A callback may therefore run once after its
+``unwatch``, and must check that its owner is still live. A watched descriptor is closed with
+``call_soon(close)`` after its unwatch, so its number cannot be reused (and watched) in between.
 """
 
 from __future__ import annotations
@@ -9,17 +21,34 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import asyncio
+    import concurrent.futures
 
 log = logging.getLogger(__name__)
 STOP_TIMEOUT = 5.0
 
 
+class EventLoop(Protocol):
+    """What a device, a console or the API server needs from the event loop."""
+
+    def watch_read(self, fd: int, callback: Callable[[], None]) -> None: ...
+
+    def unwatch_read(self, fd: int) -> None: ...
+
+    def watch_write(self, fd: int, callback: Callable[[], None]) -> None: ...
+
+    def unwatch_write(self, fd: int) -> None: ...
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> None: ...
+
+    def call_soon(self, callback: Callable[[], None]) -> None: ...
+
+
 class EventLoopThread:
-    """An asyncio loop running in its own daemon thread; safe to call from any thread."""
+    """An :class:`EventLoop`: an asyncio loop running in its own daemon thread; safe from any thread."""
 
     def __init__(self, name: str = "kvmlet-events") -> None:
         self._name = name
@@ -49,6 +78,10 @@ class EventLoopThread:
         """Whether anything has used the loop yet."""
         return self._loop is not None
 
+    @property
+    def running(self) -> bool:
+        return self._loop is not None and self._loop.is_running()
+
     def _run(self) -> None:
         import asyncio
 
@@ -67,29 +100,61 @@ class EventLoopThread:
             if self._thread is not None:
                 self._thread.start()
 
-    def call_soon(self, callback: Callable[..., Any], *args: Any) -> None:
-        """Run ``callback(*args)`` on the loop thread."""
-        self.loop.call_soon_threadsafe(callback, *args)
+    def on_loop_thread(self) -> bool:
+        return self._thread is not None and threading.current_thread() is self._thread
 
-    def add_reader(self, fd: int, callback: Callable[[], Any]) -> None:
+    def _run_on_loop(self, function: Callable[..., Any], *args: Any, always: bool = False) -> None:
+        loop = self.loop
+        if self.on_loop_thread() or not loop.is_running():
+            try:
+                function(*args)
+            except RuntimeError:  # a loop method on a closed loop: nothing is watched any more
+                pass
+            return
+        try:
+            loop.call_soon_threadsafe(function, *args)
+        except RuntimeError:      # the loop closed meanwhile
+            if always:
+                function(*args)
+
+    def watch_read(self, fd: int, callback: Callable[[], None]) -> None:
         """Call ``callback()`` on the loop thread whenever ``fd`` is readable."""
-        self.call_soon(self.loop.add_reader, fd, callback)
+        self._run_on_loop(self.loop.add_reader, fd, callback)
 
-    def remove_reader(self, fd: int) -> None:
+    def unwatch_read(self, fd: int) -> None:
+        self._run_on_loop(self.loop.remove_reader, fd)
+
+    def watch_write(self, fd: int, callback: Callable[[], None]) -> None:
+        self._run_on_loop(self.loop.add_writer, fd, callback)
+
+    def unwatch_write(self, fd: int) -> None:
+        self._run_on_loop(self.loop.remove_writer, fd)
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
+        """Run ``callback()`` on the loop thread after ``delay`` seconds."""
+        self._run_on_loop(self.loop.call_later, delay, callback)
+
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        """Run ``callback()`` on the loop thread (now, if the loop is not running or already closed)."""
+        self._run_on_loop(callback, always=True)
+
+    def call_and_wait(self, callback: Callable[[], None], timeout: float = STOP_TIMEOUT) -> None:
+        """Run ``callback()`` on the loop thread and wait for it (for teardown: never from a device lock)."""
+        if self.on_loop_thread() or not self.running:
+            self._run_on_loop(callback)
+            return
         done = threading.Event()
 
-        def remove() -> None:
-            self.loop.remove_reader(fd)
-            done.set()
+        def run() -> None:
+            try:
+                callback()
+            finally:
+                done.set()
 
-        thread = self._thread
-        if thread is not None and thread.is_alive() and threading.current_thread() is not thread:
-            self.call_soon(remove)
-            done.wait(5)
-        else:
-            self.loop.remove_reader(fd)
+        self.loop.call_soon_threadsafe(run)
+        done.wait(timeout)
 
-    def run_coroutine(self, coro: Any) -> Any:
+    def run_coroutine(self, coro: Any) -> concurrent.futures.Future[Any]:
         """Schedule a coroutine on the loop; returns a concurrent.futures.Future."""
         import asyncio
 

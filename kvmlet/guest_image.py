@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kvmlet.errors import KvmletError
+
+if TYPE_CHECKING:
+    from kvmlet.config.models import VmConfig
 
 DEFAULT_GUEST_CMDLINE = "console=ttyS0 kvmlet.test=serial,bootinfo,cmdline,e820,cpl3,smp kvmlet.loops=1000000"
 GUEST_ENV = "KVMLET_GUEST"
 
 
-class GuestBuildError(RuntimeError):
+class GuestBuildError(KvmletError, RuntimeError):
     """The built-in guest is missing and could not be built."""
 
 
@@ -30,6 +36,21 @@ def is_builtin_guest(path: Path) -> bool:
         return path.resolve() == guest_elf_path().resolve()
     except OSError:
         return False
+
+
+def with_builtin_guest(config: VmConfig) -> VmConfig:
+    """``config`` with the built-in guest as its kernel when it has no boot source, and the guest's own
+    command line when it boots the built-in guest without one (builds the guest if needed)."""
+    import msgspec
+
+    from kvmlet.config.models import BootSource
+
+    boot = config.boot_source
+    if boot is None:
+        boot = BootSource(kernel_image_path=str(builtin_guest()))
+    if boot.boot_args is None and is_builtin_guest(Path(boot.kernel_image_path)):
+        boot = msgspec.structs.replace(boot, boot_args=DEFAULT_GUEST_CMDLINE)
+    return msgspec.structs.replace(config, boot_source=boot)
 
 
 def _stale(elf: Path, source: Path) -> bool:

@@ -15,6 +15,8 @@ import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+from kvmlet.errors import KvmletError
+
 PAGE_SIZE = 4096
 MiB = 1 << 20
 GiB = 1 << 30
@@ -28,7 +30,7 @@ _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
 
-class GuestMemoryError(ValueError):
+class GuestMemoryError(KvmletError, ValueError):
     """A guest-physical range that is not inside the guest's memory."""
 
 

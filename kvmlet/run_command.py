@@ -7,8 +7,14 @@ import os
 import signal
 import sys
 import time
+from typing import TYPE_CHECKING, TypeVar
 
-from kvmlet.config import ConfigError, MachineConfig, parse_size
+from kvmlet.errors import ConfigError
+
+if TYPE_CHECKING:
+    from kvmlet.config import VmConfig
+
+T = TypeVar("T")
 
 BOOT_TIMER_ORIGIN_ENV = "KVMLET_BOOT_TIMER_ORIGIN"
 """A CLOCK_MONOTONIC time in seconds (taken by a launcher right before it started kvmlet) that --boot-timer
@@ -81,40 +87,83 @@ def _print_stats(stats: list[dict[str, object]]) -> None:
             print(f"    {key:<22} {value:>12}", file=err)
 
 
+def config_from_args(args: argparse.Namespace) -> VmConfig:
+    """The VM that ``kvmlet run``'s flags (and ``--config-file``) describe; the built-in guest by default."""
+    import msgspec
+
+    from kvmlet.config import BootSource, MachineConfig, VmConfig, load_config_file, parse_size
+    from kvmlet.config.specs import parse_drive, parse_net, parse_rng, parse_vsock
+    from kvmlet.guest_image import with_builtin_guest
+
+    config = load_config_file(args.config_file) if args.config_file else VmConfig()
+    changes: dict[str, object] = {}
+    if args.kernel is not None or args.initrd is not None or args.cmdline is not None or args.boot is not None:
+        boot = config.boot_source
+        if args.kernel is None and boot is None:
+            from kvmlet.guest_image import builtin_guest
+
+            boot = BootSource(kernel_image_path=str(builtin_guest()))
+        elif args.kernel is not None:
+            boot = BootSource(kernel_image_path=str(args.kernel))
+        assert boot is not None
+        boot = msgspec.structs.replace(
+            boot,
+            initrd_path=str(args.initrd) if args.initrd is not None else boot.initrd_path,
+            boot_args=args.cmdline if args.cmdline is not None else boot.boot_args,
+            boot_protocol=args.boot if args.boot is not None else boot.boot_protocol)
+        changes["boot_source"] = boot
+    if args.vcpus is not None or args.memory is not None:
+        machine = config.machine_config
+        memory = machine.mem_size_mib
+        if args.memory is not None:
+            size = parse_size(args.memory, default_unit=1 << 20, what="--memory")
+            if size % (1 << 20):
+                raise ConfigError(f"--memory {args.memory}: give a whole number of MiB")
+            memory = size >> 20
+        changes["machine_config"] = _checked(MachineConfig, vcpu_count=args.vcpus if args.vcpus is not None else machine.vcpu_count,
+                                             mem_size_mib=memory, cpu_template=machine.cpu_template)
+    if args.drive:
+        changes["drives"] = [*config.drives, *(parse_drive(spec, n) for n, spec in enumerate(args.drive))]
+    if args.net:
+        changes["network_interfaces"] = [*config.network_interfaces,
+                                         *(parse_net(spec, n) for n, spec in enumerate(args.net))]
+    if args.rng is not None:
+        changes["entropy"] = parse_rng(args.rng)
+    if args.vsock:
+        changes["vsock"] = parse_vsock(args.vsock)
+    if args.console is not None:
+        changes["console"] = args.console
+    return with_builtin_guest(msgspec.structs.replace(config, **changes))
+
+
+def _checked(model: type[T], **fields: object) -> T:
+    """A model made from command-line values, checked as a decoded body would be."""
+    from kvmlet.config import decode, encode
+
+    return decode(encode(fields), model, "command line")
+
+
 def run_main(args: argparse.Namespace) -> int:
     cli_mark = time.perf_counter()
-    from kvmlet.boot.errors import BootImageError
-    from kvmlet.guest_image import GuestBuildError
-    from kvmlet.kvm.errors import KvmError, KvmUnavailableError
-    from kvmlet.memory import GuestMemoryError
-    from kvmlet.vm import Machine, MachineError
+    from kvmlet.errors import KvmletError
 
     try:
-        config = MachineConfig(kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline,
-                               vcpus=args.vcpus, memory=parse_size(args.memory), boot=args.boot,
-                               console=args.console)
-        if getattr(args, "drive", None) or getattr(args, "rng", None) is not None:
-            from kvmlet.devices.virtio.options import parse_drive, parse_rng
-
-            config.drives = [parse_drive(spec) for spec in args.drive]
-            config.rng = parse_rng(args.rng) if args.rng is not None else None
-        if getattr(args, "net", None) or getattr(args, "vsock", None):
-            from kvmlet.devices.virtio.net_options import parse_net, parse_vsock
-
-            config.nets = [parse_net(spec) for spec in args.net]
-            config.vsock = parse_vsock(args.vsock) if args.vsock else None
-    except ConfigError as exc:
+        config = config_from_args(args)
+    except KvmletError as exc:
         print(f"kvmlet: {exc}", file=sys.stderr)
         return 1
-    machine = Machine(config)
+    from kvmlet.eventloop import EventLoopThread
+    from kvmlet.machine import MachineError, build_machine
+
+    events = EventLoopThread()
+    try:
+        machine = build_machine(config, events)
+    except KvmletError as exc:
+        events.stop()
+        print(f"kvmlet: {exc}", file=sys.stderr)
+        return 1
     machine.timeline.marks["cli"] = cli_mark
     try:
-        try:
-            machine.build()
-        except (ConfigError, BootImageError, GuestBuildError, KvmUnavailableError, KvmError,
-                GuestMemoryError, MachineError, OSError) as exc:
-            print(f"kvmlet: {exc}", file=sys.stderr)
-            return 1
         for warning in machine.warnings:
             print(f"kvmlet: warning: {warning}", file=sys.stderr)
         signal.signal(signal.SIGTERM, lambda signum, frame: machine.request_stop())
@@ -137,6 +186,7 @@ def run_main(args: argparse.Namespace) -> int:
             machine.close(wait=False)
         except MachineError as exc:
             print(f"kvmlet: {exc}", file=sys.stderr)
+        events.stop()
     if args.boot_timer:
         import kvmlet
 
@@ -148,7 +198,7 @@ def run_main(args: argparse.Namespace) -> int:
     if status.kind.value not in ("guest-exit",):
         serial = machine.serial
         unfinished_line = serial is not None and serial.last_byte_out not in (None, 0x0A)
-        if unfinished_line and args.console == "stdio":
+        if unfinished_line and config.console == "stdio":
             print(file=sys.stderr)  # the guest's last console line had no newline
         print(f"kvmlet: {status.message}", file=sys.stderr)
     return status.code

@@ -5,12 +5,14 @@ from __future__ import annotations
 import errno
 import os
 
+from kvmlet.errors import KvmletError
+
 
 class KvmError(OSError):
     """A KVM ioctl failed."""
 
 
-class KvmUnavailableError(RuntimeError):
+class KvmUnavailableError(KvmletError, RuntimeError):
     """The host has no usable KVM (no /dev/kvm, no permission, wrong API, missing capability)."""
 
 

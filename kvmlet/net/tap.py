@@ -30,6 +30,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvmlet.errors import KvmletError
+
 TUN_DEVICE = "/dev/net/tun"
 VNET_HDR_SIZE = 12          # struct virtio_net_hdr_v1: flags, gso_type, hdr_len, gso_size, csum_*, num_buffers
 IFNAMSIZ = 16
@@ -79,7 +81,7 @@ class Offload(enum.IntFlag):
 _IFREQ = struct.Struct(f"{IFNAMSIZ}sH22x")  # struct ifreq: name, then ifr_flags in the union (40 bytes)
 
 
-class TapError(RuntimeError):
+class TapError(KvmletError, RuntimeError):
     """A TAP device that cannot be opened or configured, with what to do about it."""
 
 

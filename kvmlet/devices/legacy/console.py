@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from kvmlet.devices.legacy.escape import ESCAPE_HELP, EscapeAction, EscapeFilter
+from kvmlet.errors import KvmletError
 
 if TYPE_CHECKING:
     from kvmlet.eventloop import EventLoopThread
@@ -32,11 +33,11 @@ READ_CHUNK = 4096
 WRITE_STALL_TIMEOUT = 1.0  # seconds a blocked stdout may hold up a vCPU before output is dropped
 
 
-class ConsoleError(RuntimeError):
+class ConsoleError(KvmletError, RuntimeError):
     """A console back end cannot be set up; the message says why."""
 
 
-class ConsoleSpecError(ValueError):
+class ConsoleSpecError(KvmletError, ValueError):
     """A console spec string is not one of the accepted forms."""
 
 
@@ -88,30 +89,11 @@ def _is_pollable(fd: int) -> bool:
 
 
 def run_on_loop(events: EventLoopThread | None, action: Callable[[], None]) -> None:
-    """Run ``action`` on the event-loop thread and wait for it (directly if the loop is not running)."""
-    if events is None or not events.loop.is_running():
+    """Run ``action`` on the event-loop thread and wait for it (directly if there is no loop)."""
+    if events is None:
         action()
-        return
-    import asyncio
-
-    try:
-        running = asyncio.get_running_loop()
-    except RuntimeError:
-        running = None
-    if running is events.loop:
-        action()
-        return
-    done = threading.Event()
-
-    def run() -> None:
-        try:
-            action()
-        finally:
-            done.set()
-
-    events.call_soon(run)
-    if not done.wait(5):
-        warn("console: the event loop did not run a clean-up step within 5 s")
+    else:
+        events.call_and_wait(action)
 
 
 class Console(ABC):
@@ -237,7 +219,7 @@ class StdioConsole(Console):
         if tty:
             self._enter_raw_mode()
         self._reading = True
-        self._events.add_reader(self._stdin_fd, self._on_readable)
+        self._events.watch_read(self._stdin_fd, self._on_readable)
 
     def _enter_raw_mode(self) -> None:
         import atexit
@@ -315,7 +297,7 @@ class StdioConsole(Console):
     def _stop_reading_on_loop(self) -> None:
         if self._reading and self._events is not None:
             self._reading = False
-            self._events.loop.remove_reader(self._stdin_fd)
+            self._events.unwatch_read(self._stdin_fd)
 
     def close(self) -> None:
         if self._closed:
@@ -324,7 +306,7 @@ class StdioConsole(Console):
         if self._reading:
             self._reading = False
             if self._events is not None:
-                self._events.remove_reader(self._stdin_fd)
+                self._events.unwatch_read(self._stdin_fd)
         self._restore_terminal()
 
 

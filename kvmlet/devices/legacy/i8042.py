@@ -1,4 +1,5 @@
-"""An i8042 keyboard controller (ports 0x60 and 0x64) with a keyboard that answers commands but has no keys.
+"""An i8042 keyboard controller (ports 0x60 and 0x64) with a keyboard that answers commands and whose only keys
+are the ones the VMM presses: Ctrl+Alt+Del (``send_ctrl_alt_del``, Firecracker's ``SendCtrlAltDel``).
 
 Its main job is the PC's reset line: command 0xFE on port 0x64 (or 0xD1 with output-port bit 0 clear) calls
 ``on_reset()``, which is how a Linux guest reboots (``reboot=k``). Besides that it implements enough of the
@@ -10,7 +11,15 @@ controller and PS/2 keyboard command sets for Linux's probing to find a sane con
   buffer), 0xD4 (write to aux device: no aux device, ignored), 0xF0-0xFF (pulse output lines; bit 0 = reset);
 * keyboard commands (bytes written to port 0x60 with no controller command pending): 0xFF reset
   (ACK, 0xAA), 0xF2 identify (ACK, 0xAB 0x83, translated 0x41), 0xEE echo, 0xF0 scan code set, 0xED LEDs,
-  0xF3 typematic, 0xF4/0xF5/0xF6 and anything else: ACK.
+  0xF3 typematic, 0xF4 enable, 0xF5 disable (and defaults), 0xF6 defaults, anything else: ACK.
+
+Keys travel as on a PC: the keyboard sends its scan codes (in the set the guest selected, set 2 after reset) into
+its own 16-byte buffer; the controller takes them one at a time, only while its output buffer is empty and the
+keyboard interface is enabled (command byte bit 4 clear; otherwise the keyboard keeps them), and with the
+TRANSLATE bit of the command byte set (as firmware leaves it, and Linux keeps it) converts set 2 to set 1 on the
+way: Ctrl+Alt+Del reaches port 0x60 as ``1D 38 E0 53 E0 D3 B8 9D``, or untranslated ``14 11 E0 71 E0 F0 71 F0
+11 F0 14``. Each byte is an IRQ 1 edge like any other keyboard byte. Firecracker puts the set 2 make codes in
+the output buffer as they are, which is right for its command byte (translation off) and not for ours.
 
 There is no mouse: a Linux guest should get ``i8042.noaux`` on its command line, as under Firecracker, or its
 aux probe waits for an IRQ 12 that never comes (about 250 ms). Keyboard bytes raise ``kbd_irq`` (IRQ 1) on
@@ -34,6 +43,7 @@ DATA_PORT = 0x60
 COMMAND_PORT = 0x64
 KEYBOARD_IRQ = 1
 OUTPUT_QUEUE_LIMIT = 16
+KEYBOARD_BUFFER_LIMIT = 16  # a PS/2 keyboard's own buffer
 
 
 class Status(IntFlag):
@@ -93,6 +103,7 @@ class KeyboardCommand(IntEnum):
     SET_TYPEMATIC = 0xF3
     ENABLE = 0xF4
     DISABLE = 0xF5
+    SET_DEFAULT = 0xF6
     RESET = 0xFF
 
 
@@ -104,6 +115,55 @@ BAT_PASSED = 0xAA
 KEYBOARD_ID = (0xAB, 0x83)
 KEYBOARD_ID_TRANSLATED = (0xAB, 0x41)
 SCAN_CODE_SET_TRANSLATED = {1: 0x43, 2: 0x41, 3: 0x3F}  # the 8042's set-2-to-set-1 translation
+# Commands after which a keyboard discards the keys it still holds.
+KEYBOARD_COMMANDS_CLEARING_BUFFER = frozenset({KeyboardCommand.ENABLE, KeyboardCommand.DISABLE,
+                                               KeyboardCommand.SET_DEFAULT, KeyboardCommand.SCAN_CODE_SET,
+                                               KeyboardCommand.RESET})
+
+EXTENDED_PREFIX = 0xE0
+BREAK_PREFIX = 0xF0  # sets 2 and 3: a release is F0 then the last byte of the make code
+BREAK_BIT = 0x80     # set 1: a release is the make code with bit 7 set
+
+
+@dataclass(frozen=True)
+class Key:
+    """A key's make code in scan code sets 1, 2 and 3 (an 0xE0 prefix is part of the code)."""
+
+    name: str
+    set1: tuple[int, ...]
+    set2: tuple[int, ...]
+    set3: tuple[int, ...]
+
+    def make(self, scan_code_set: int) -> tuple[int, ...]:
+        return {1: self.set1, 2: self.set2, 3: self.set3}[scan_code_set]
+
+    def release(self, scan_code_set: int) -> tuple[int, ...]:
+        *prefix, last = self.make(scan_code_set)
+        if scan_code_set == 1:
+            return (*prefix, last | BREAK_BIT)
+        return (*prefix, BREAK_PREFIX, last)  # set 3 as Linux runs it: every key make/break (command 0xFA)
+
+
+LEFT_CTRL = Key("Ctrl", set1=(0x1D,), set2=(0x14,), set3=(0x11,))
+LEFT_ALT = Key("Alt", set1=(0x38,), set2=(0x11,), set3=(0x19,))
+DELETE = Key("Delete", set1=(EXTENDED_PREFIX, 0x53), set2=(EXTENDED_PREFIX, 0x71), set3=(0x64,))
+CTRL_ALT_DEL = (LEFT_CTRL, LEFT_ALT, DELETE)
+# The 8042's set 2 -> set 1 translation, for the keys this keyboard has; the 0xE0 prefix passes unchanged and
+# 0xF0 sets bit 7 of the next byte. (With translation on and the keyboard switched to set 1 or 3, real hardware
+# garbles the codes and here they pass unchanged; no driver runs that way.)
+TRANSLATION = {key.set2[-1]: key.set1[-1] for key in CTRL_ALT_DEL}
+
+
+def key_sequence(keys: tuple[Key, ...], scan_code_set: int) -> list[int]:
+    """The bytes a keyboard sends when ``keys`` are pressed in order and released in reverse order."""
+    sequence = [byte for key in keys for byte in key.make(scan_code_set)]
+    sequence += [byte for key in reversed(keys) for byte in key.release(scan_code_set)]
+    return sequence
+
+
+class KeyboardInputError(RuntimeError):
+    """The keyboard could not send the keys; the message says why (nothing was sent)."""
+
 
 INITIAL_COMMAND_BYTE = (CommandByte.KEYBOARD_INTERRUPT | CommandByte.SYSTEM | CommandByte.AUX_DISABLED
                         | CommandByte.TRANSLATE)  # as firmware leaves it
@@ -149,6 +209,8 @@ class I8042:
         self._kbd_irq = kbd_irq
         self._lock = threading.Lock()
         self._output: deque[tuple[int, bool]] = deque()  # (byte, from aux)
+        self._keyboard_buffer: deque[int] = deque()  # keys the keyboard has not sent yet (its scan code set)
+        self._translate_break = False  # translation: an 0xF0 was taken, the next byte is a release
         self._command_byte = int(INITIAL_COMMAND_BYTE)
         self._output_port = int(INITIAL_OUTPUT_PORT)
         self._pending_command: int | None = None
@@ -215,6 +277,7 @@ class I8042:
                 self._unknown_commands += 1
             if reset:
                 self._resets += 1
+            self._pump_keyboard_locked()
             edges = self._take_edges_locked()
         self._send_edges(edges)
         if reset:
@@ -229,6 +292,7 @@ class I8042:
             byte, _ = self._output.popleft()
             self._irq_level = False  # the output buffer empties; the next byte (if any) is a new edge
             self._update_irq_locked()
+            self._pump_keyboard_locked()
             edges = self._take_edges_locked()
         self._send_edges(edges)
         return byte
@@ -255,6 +319,7 @@ class I8042:
             elif command == Command.WRITE_AUX_BUFFER:
                 self._put_locked(value, aux=True)
             # WRITE_AUX: no aux device is attached; the byte goes nowhere
+            self._pump_keyboard_locked()
             edges = self._take_edges_locked()
         self._send_edges(edges)
         if reset:
@@ -279,6 +344,8 @@ class I8042:
         if value == KeyboardCommand.ECHO:
             self._put_locked(KeyboardCommand.ECHO)
             return
+        if value in KEYBOARD_COMMANDS_CLEARING_BUFFER:
+            self._keyboard_buffer.clear()
         self._put_locked(ACK)
         if value in KEYBOARD_COMMANDS_WITH_PARAMETER:
             self._keyboard_pending = value
@@ -292,13 +359,49 @@ class I8042:
             self._put_locked(BAT_PASSED)
         elif value == KeyboardCommand.ENABLE:
             self._keyboard_scanning = True
-        elif value == KeyboardCommand.DISABLE:
-            self._keyboard_scanning = False
+        elif value == KeyboardCommand.DISABLE or value == KeyboardCommand.SET_DEFAULT:
+            self._scan_code_set = 2
+            self._keyboard_scanning = value == KeyboardCommand.SET_DEFAULT
 
     def _translated_scan_code_set_locked(self) -> int:
         if self._command_byte & CommandByte.TRANSLATE:
             return SCAN_CODE_SET_TRANSLATED[self._scan_code_set]
         return self._scan_code_set
+
+    # -- keys ---------------------------------------------------------------------------------------------
+
+    def send_ctrl_alt_del(self) -> None:
+        """Press Ctrl, Alt and Delete and release them (Delete, Alt, Ctrl), as a keyboard sends it; the guest
+        reads the bytes from port 0x60, one IRQ 1 edge each (see the module docstring). Safe from any thread.
+        Raises KeyboardInputError, sending nothing, if the guest has disabled the keyboard (command 0xF5) or
+        the keyboard's buffer has no room for the whole sequence (the guest is not reading port 0x60)."""
+        with self._lock:
+            if not self._keyboard_scanning:
+                raise KeyboardInputError("the guest has disabled the keyboard (keyboard command 0xF5): "
+                                         "Ctrl+Alt+Del not sent")
+            sequence = key_sequence(CTRL_ALT_DEL, self._scan_code_set)
+            if len(self._keyboard_buffer) + len(sequence) > KEYBOARD_BUFFER_LIMIT:
+                raise KeyboardInputError(f"the keyboard still holds {len(self._keyboard_buffer)} bytes the guest "
+                                         "has not read from port 0x60: Ctrl+Alt+Del not sent")
+            self._keyboard_buffer.extend(sequence)
+            self._pump_keyboard_locked()
+            edges = self._take_edges_locked()
+        self._send_edges(edges)
+
+    def _pump_keyboard_locked(self) -> None:
+        """Moves the keyboard's bytes into the output buffer one at a time, as the controller takes them: only
+        into an empty buffer (keyboard bytes never pile up behind a controller reply, and never fill the output
+        queue) and while the keyboard interface is enabled; translated when the command byte says so."""
+        while (self._keyboard_buffer and not self._output
+               and not self._command_byte & CommandByte.KEYBOARD_DISABLED):
+            byte = self._keyboard_buffer.popleft()
+            if self._command_byte & CommandByte.TRANSLATE:
+                if byte == BREAK_PREFIX:
+                    self._translate_break = True
+                    continue
+                byte = TRANSLATION.get(byte, byte) | (BREAK_BIT if self._translate_break else 0)
+                self._translate_break = False
+            self._put_locked(byte)
 
     # -- output buffer and interrupt ----------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import socket
 import stat
@@ -97,7 +98,7 @@ class SocketConsole(Console):
             raise ConsoleError(f"console socket {self.path} is closed")
         self._events = require_events(events, "the socket console")
         self._on_input = on_input
-        self._events.add_reader(self._listener.fileno(), self._accept)
+        self._events.watch_read(self._listener.fileno(), self._accept)
 
     # -- event-loop thread ----------------------------------------------------------------------------
 
@@ -118,7 +119,7 @@ class SocketConsole(Console):
                     return
                 self._clients[client.fd] = client
             assert self._events is not None
-            self._events.loop.add_reader(client.fd, self._client_readable, client)
+            self._events.watch_read(client.fd, functools.partial(self._client_readable, client))
 
     def _client_readable(self, client: _Client) -> None:
         try:
@@ -152,20 +153,20 @@ class SocketConsole(Console):
             self._drop(client)
         else:
             assert self._events is not None
-            self._events.loop.remove_writer(client.fd)
+            self._events.unwatch_write(client.fd)
 
     def _arm_writer(self, client: _Client) -> None:
         with self._lock:
             if self._clients.get(client.fd) is not client:
                 return
         assert self._events is not None
-        self._events.loop.add_writer(client.fd, self._client_writable, client)
+        self._events.watch_write(client.fd, functools.partial(self._client_writable, client))
 
     def _release(self, client: _Client) -> None:
         """Unregister and close a client that is no longer in the table (event-loop thread)."""
         if self._events is not None:
-            self._events.loop.remove_reader(client.fd)
-            self._events.loop.remove_writer(client.fd)
+            self._events.unwatch_read(client.fd)
+            self._events.unwatch_write(client.fd)
         client.sock.close()
 
     # -- any thread -------------------------------------------------------------------------------------
@@ -179,11 +180,11 @@ class SocketConsole(Console):
 
     def _schedule_release(self, client: _Client) -> None:
         events = self._events
-        if events is None or not events.loop.is_running():
+        if events is None or not events.running:
             self._release(client)
             return
         try:
-            events.call_soon(self._release, client)
+            events.call_soon(functools.partial(self._release, client))
         except RuntimeError:  # the loop closed meanwhile: nothing is registered any more
             client.sock.close()
 
@@ -222,7 +223,7 @@ class SocketConsole(Console):
         for client in slow:
             if events is not None and not events.loop.is_closed():
                 with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: no more flushing
-                    events.call_soon(self._arm_writer, client)
+                    events.call_soon(functools.partial(self._arm_writer, client))
         for client in dead:
             warn(f"console socket {self.path}: dropping a client that cannot keep up")
             self._schedule_release(client)
@@ -238,7 +239,7 @@ class SocketConsole(Console):
 
         def release_all() -> None:
             if events is not None:
-                events.loop.remove_reader(self._listener.fileno())
+                events.unwatch_read(self._listener.fileno())
             for client in clients:
                 self._release(client)
 

@@ -4,9 +4,8 @@ entropy, network and socket devices.
 Modules: ``queue`` (split virtqueues, every guest-controlled value checked), ``mmio`` (the virtio-mmio
 register interface and device status state machine), ``device`` (what a device type implements),
 ``blk`` and ``blk_backend`` (virtio-blk on a raw file or block device), ``rng`` (virtio-rng),
-``ratelimit`` (token buckets), ``options`` (drive / rng configuration), ``attach`` (wiring into a VM);
-``net`` (virtio-net on a TAP, see ``kvmlet.net.tap``), ``vsock`` with ``vsock_packet`` and
-``vsock_connection`` (virtio-vsock with a Unix-socket host side), ``fdwatch`` (host descriptors on the
-event loop), ``net_options`` (--net / --vsock configuration), ``net_attach`` (building them for a VM).
+``ratelimit`` (token buckets); ``net`` (virtio-net on a TAP, see ``kvmlet.net.tap``), ``vsock`` with
+``vsock_packet`` and ``vsock_connection`` (virtio-vsock with a Unix-socket host side). They are built
+from the configuration models by ``kvmlet.devices.factory`` and placed by ``kvmlet.devices.manager``.
 Nothing here is imported unless a VM has virtio devices.
 """

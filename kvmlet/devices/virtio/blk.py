@@ -112,6 +112,15 @@ class VirtioBlock(VirtioDevice):
         self.capacity = backend.size // SECTOR_SIZE  # whole sectors; a partial last one is not exposed
         self.stats = BlockStats()
 
+    def replace_backend(self, backend: BlockBackend) -> None:
+        """Serve ``backend`` from now on (a new backing file, PATCH /drives): the capacity follows it and
+        the driver is told through a configuration change. Call with the transport's lock held."""
+        old, self.backend = self.backend, backend
+        self.capacity = backend.size // SECTOR_SIZE
+        old.close()
+        if self.host is not None:
+            self.host.signal_config_change()
+
     @property
     def readonly(self) -> bool:
         return self.backend.readonly

@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from kvmlet.devices.virtio.queue import BufferList
+from kvmlet.errors import KvmletError
 
 SECTOR_SIZE = 512
 BOUNCE_SIZE = 1 << 20
@@ -40,7 +41,7 @@ FALLOC_FL_ZERO_RANGE = 0x10
 _UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL, errno.ENOSYS)
 
 
-class BlockBackendError(RuntimeError):
+class BlockBackendError(KvmletError, RuntimeError):
     """A drive that cannot be opened or used as configured."""
 
 

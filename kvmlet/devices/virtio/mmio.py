@@ -424,6 +424,12 @@ class MmioTransport:
     def signal_used(self, queue_index: int) -> None:
         self._raise_interrupt(InterruptReason.USED_BUFFER)
 
+    @property
+    def lock(self) -> threading.RLock:
+        """The lock that serializes register writes with queue processing (hold it to change a device's
+        back end at run time)."""
+        return self._lock
+
     def signal_config_change(self) -> None:
         """The device changed its configuration space: new generation, and tell the driver."""
         self.config_generation += 1

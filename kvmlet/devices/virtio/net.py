@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 
 from kvmlet.devices.virtio.constants import DeviceType, feature_bit
 from kvmlet.devices.virtio.device import VirtioDevice
-from kvmlet.devices.virtio.fdwatch import FdWatcher
 from kvmlet.devices.virtio.queue import DescriptorChain, DirectChain, Virtqueue
 from kvmlet.devices.virtio.ratelimit import RateLimiter
+from kvmlet.eventloop import EventLoop
 from kvmlet.net.tap import VNET_HDR_SIZE, Offload, Tap, TapError
 
 # Feature bits (5.1.3).
@@ -164,7 +164,7 @@ class VirtioNet(VirtioDevice):
 
     device_type = DeviceType.NET
 
-    def __init__(self, tap: Tap, mac: bytes, watcher: FdWatcher, *, offloads: bool = True,
+    def __init__(self, tap: Tap, mac: bytes, watcher: EventLoop, *, offloads: bool = True,
                  mtu: int | None = None, name: str = "virtio-net0",
                  rx_rate_limiter: RateLimiter | None = None, tx_rate_limiter: RateLimiter | None = None,
                  queue_size: int = QUEUE_SIZE) -> None:

@@ -1,6 +1,6 @@
 """Token-bucket rate limiting of device I/O, in the manner of Firecracker's RateLimiter.
 
-A :class:`TokenBucket` holds up to ``size`` tokens and refills from empty to full in ``refill_time_ms``;
+A :class:`TokenBucket` holds up to ``size`` tokens and refills from empty to full in ``refill_time`` ms;
 ``one_time_burst`` extra tokens are available once, at the start, and are used before the bucket's own.
 A :class:`RateLimiter` has up to two buckets: bandwidth (tokens are bytes) and operations (one token per
 request). A request is admitted only when both buckets allow it, and then consumes from both; a request
@@ -16,48 +16,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+
+from kvmlet.config.models import RateLimiterConfig, TokenBucketConfig
 
 MIN_WAIT = 0.001  # seconds: the shortest timer a throttled queue sets
-
-
-class RateLimitError(ValueError):
-    """A rate-limit configuration that cannot work."""
-
-
-@dataclass(frozen=True)
-class TokenBucketConfig:
-    """``size`` tokens per ``refill_time_ms`` milliseconds, plus a one-time burst."""
-
-    size: int
-    refill_time_ms: int = 1000
-    one_time_burst: int = 0
-
-    def validate(self, what: str) -> None:
-        if self.size <= 0:
-            raise RateLimitError(f"{what}: the bucket size must be positive (got {self.size})")
-        if self.refill_time_ms <= 0:
-            raise RateLimitError(f"{what}: the refill time must be positive (got {self.refill_time_ms} ms)")
-        if self.one_time_burst < 0:
-            raise RateLimitError(f"{what}: the one-time burst cannot be negative")
-
-
-@dataclass(frozen=True)
-class RateLimiterConfig:
-    """Limits for one device: bytes and/or operations."""
-
-    bandwidth: TokenBucketConfig | None = None
-    ops: TokenBucketConfig | None = None
-
-    @property
-    def enabled(self) -> bool:
-        return self.bandwidth is not None or self.ops is not None
-
-    def validate(self, what: str) -> None:
-        if self.bandwidth is not None:
-            self.bandwidth.validate(f"{what} bandwidth limit")
-        if self.ops is not None:
-            self.ops.validate(f"{what} operations limit")
 
 
 Clock = Callable[[], float]
@@ -67,10 +29,9 @@ class TokenBucket:
     """One bucket; ``clock`` (seconds, monotonic) is injectable for tests."""
 
     def __init__(self, config: TokenBucketConfig, clock: Clock = time.monotonic) -> None:
-        config.validate("token bucket")
         self.config = config
         self.capacity = float(config.size)
-        self.rate = config.size / (config.refill_time_ms / 1000.0)  # tokens per second
+        self.rate = config.size / (config.refill_time / 1000.0)  # tokens per second
         self.budget = self.capacity
         self.burst = float(config.one_time_burst)
         self._clock = clock

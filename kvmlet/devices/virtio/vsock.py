@@ -38,7 +38,6 @@ from pathlib import Path
 
 from kvmlet.devices.virtio.constants import DeviceType, feature_bit
 from kvmlet.devices.virtio.device import VirtioDevice
-from kvmlet.devices.virtio.fdwatch import FdWatcher
 from kvmlet.devices.virtio.queue import DescriptorChain
 from kvmlet.devices.virtio.vsock_connection import Connection, ConnState, HostClient, Outgoing
 from kvmlet.devices.virtio.vsock_packet import (
@@ -52,6 +51,8 @@ from kvmlet.devices.virtio.vsock_packet import (
     Op,
     VsockHeader,
 )
+from kvmlet.errors import KvmletError
+from kvmlet.eventloop import EventLoop
 
 RX_QUEUE, TX_QUEUE, EVENT_QUEUE = 0, 1, 2
 VIRTIO_VSOCK_F_STREAM = 0      # named in virtio 1.3; without it (1.2, Linux) streams are implied
@@ -63,7 +64,7 @@ MAX_CONNECTIONS = 1024
 _KNOWN_OPS = frozenset(int(op) for op in Op if op is not Op.INVALID)
 
 
-class VsockError(RuntimeError):
+class VsockError(KvmletError, RuntimeError):
     """The host side cannot be set up (socket path problems)."""
 
 
@@ -95,7 +96,7 @@ class VirtioVsock(VirtioDevice):
 
     device_type = DeviceType.VSOCK
 
-    def __init__(self, guest_cid: int, uds_path: str | Path, watcher: FdWatcher, *,
+    def __init__(self, guest_cid: int, uds_path: str | Path, watcher: EventLoop, *,
                  name: str = "virtio-vsock") -> None:
         super().__init__([QUEUE_SIZE] * 3, name)
         if not 3 <= guest_cid < U32:

@@ -1,0 +1,227 @@
+"""The device manager: owns every device of a VM, legacy and virtio, and everything that wires them in.
+
+It allocates what devices need (I/O-port and MMIO ranges on the buses, GSIs), owns the GSI routing table,
+registers the ioeventfds and irqfds, collects each device's announcements (today: the kernel command
+line's ``virtio_mmio.device=`` entries), lists the devices (for ``GET /vm/config``, metrics and snapshots)
+and updates one at run time. Port numbers and IRQs come from the device modules themselves.
+
+Interrupts: legacy devices keep their fixed ISA IRQs (COM1 4, keyboard 1). Each virtio-mmio device gets
+a 4 KiB register window at ``VIRTIO_MMIO_BASE + n * 0x1000`` (the 32-bit MMIO hole, never RAM) and a
+free ISA IRQ from ``FREE_ISA_GSIS`` (0-2 and 8 belong to the timer, the keyboard, the cascade and the
+RTC; 3 and 4 to the serial ports; 12 last, because a PS/2 mouse driver may want it), so the 8259 PICs,
+the IOAPIC (identity-mapped ISA IRQs in the MP table and the MADT) and Linux all agree.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from kvmlet.devices.bus import Bus, BusDevice
+from kvmlet.devices.irq import EventFdInterrupt
+from kvmlet.devices.legacy.ports import PortClaim
+from kvmlet.errors import ConfigError
+from kvmlet.kvm import constants as c
+
+if TYPE_CHECKING:
+    from kvmlet.devices.virtio.device import VirtioDevice
+    from kvmlet.devices.virtio.mmio import MmioTransport
+    from kvmlet.eventloop import EventLoop
+    from kvmlet.kvm.vm import Vm
+    from kvmlet.memory import GuestMemory
+
+VIRTIO_MMIO_BASE = 0xC000_0000
+VIRTIO_MMIO_WINDOW = 0x1000
+VIRTIO_MMIO_LIMIT = 0xC010_0000
+FREE_ISA_GSIS = (5, 6, 7, 9, 10, 11, 14, 15, 12)
+IOAPIC_PINS = 24
+
+
+class DeviceKind(enum.Enum):
+    LEGACY = "legacy"
+    VIRTIO_MMIO = "virtio-mmio"
+
+
+@dataclass
+class ManagedDevice:
+    """One device and what the manager gave it."""
+
+    name: str
+    kind: DeviceKind
+    device: Any
+    ports: list[tuple[int, int]] = field(default_factory=list)   # (base, size) on the PIO bus
+    mmio: list[tuple[int, int]] = field(default_factory=list)    # (base, size) on the MMIO bus
+    gsi: int | None = None
+    transport: MmioTransport | None = None
+    config: Any = None   # the config model it was built from, if any (kept current by updates)
+
+    @property
+    def cmdline_args(self) -> list[str]:
+        if self.kind is DeviceKind.VIRTIO_MMIO and self.mmio and self.gsi is not None:
+            base, size = self.mmio[0]
+            return [f"virtio_mmio.device={size // 1024}K@{base:#x}:{self.gsi}"]
+        return []
+
+
+class GsiRouting:
+    """The VM's GSI routing table (KVM replaces it whole on every change)."""
+
+    def __init__(self, vm: Vm) -> None:
+        self.vm = vm
+        self.routes: list[tuple[int, int, int]] = []
+
+    def set_pc_routes(self) -> None:
+        """ISA IRQs to both PICs and the IOAPIC, IRQ 0 (the PIT) on IOAPIC pin 2, as the MP table and the
+        MADT's interrupt source override describe (KVM's default has GSI 0 on pin 0)."""
+        routes: list[tuple[int, int, int]] = []
+        for gsi in range(16):
+            if gsi != 2:  # IRQ 2 is the PICs' cascade
+                chip = c.KVM_IRQCHIP_PIC_MASTER if gsi < 8 else c.KVM_IRQCHIP_PIC_SLAVE
+                routes.append((gsi, chip, gsi % 8))
+        for gsi in range(IOAPIC_PINS):
+            if gsi != 2:
+                routes.append((gsi, c.KVM_IRQCHIP_IOAPIC, 2 if gsi == 0 else gsi))
+        self.routes = routes
+        self.vm.set_gsi_routing(routes)
+
+
+class DeviceManager:
+    """Every device of one VM; built by the machine builder, closed with the machine."""
+
+    def __init__(self, vm: Vm, memory: GuestMemory, events: EventLoop, pio: Bus | None = None,
+                 mmio: Bus | None = None) -> None:
+        self.vm = vm
+        self.memory = memory
+        self.events = events
+        self.pio = pio or Bus("pio")
+        self.mmio = mmio or Bus("mmio")
+        self.routing = GsiRouting(vm)
+        self.devices: list[ManagedDevice] = []
+        self._free_gsis = list(FREE_ISA_GSIS)
+        self._next_mmio = VIRTIO_MMIO_BASE
+        self._interrupts: list[EventFdInterrupt] = []
+        self._ioeventfds: list[tuple[int, int, int]] = []   # (fd, address, datamatch)
+        self._watched: list[int] = []
+
+    # -- allocation ---------------------------------------------------------------------------------
+    def allocate_gsi(self, what: str) -> int:
+        if not self._free_gsis:
+            raise ConfigError(f"{what}: no free interrupt line (at most {len(FREE_ISA_GSIS)} virtio devices)")
+        return self._free_gsis.pop(0)
+
+    def allocate_mmio(self, size: int, what: str) -> int:
+        base = self._next_mmio
+        if base + size > VIRTIO_MMIO_LIMIT:
+            raise ConfigError(f"{what}: the MMIO window for devices is full")
+        self._next_mmio = base + size
+        return base
+
+    def interrupt(self, gsi: int) -> EventFdInterrupt:
+        """An edge-triggered line to ``gsi``: an eventfd registered as an irqfd."""
+        line = EventFdInterrupt(gsi)
+        try:
+            self.vm.register_irqfd(line.fd, gsi)
+        except BaseException:
+            line.close()
+            raise
+        self._interrupts.append(line)
+        return line
+
+    # -- adding devices -----------------------------------------------------------------------------
+    def add_legacy(self, name: str, device: Any, claims: Iterable[PortClaim], gsi: int | None = None) -> ManagedDevice:
+        """A device on fixed I/O ports (the claims come from the device's own module)."""
+        managed = ManagedDevice(name, DeviceKind.LEGACY, device, gsi=gsi)
+        for claim in claims:
+            self.pio.register(claim.base, claim.size, claim.device, claim.name)
+            managed.ports.append((claim.base, claim.size))
+        self.devices.append(managed)
+        return managed
+
+    def add_virtio_mmio(self, device: VirtioDevice, config: Any = None) -> ManagedDevice:
+        """Place a virtio device on its own virtio-mmio window and interrupt; on failure it is closed."""
+        from kvmlet.devices.virtio.constants import MmioRegister
+        from kvmlet.devices.virtio.mmio import MmioTransport
+
+        try:
+            gsi = self.allocate_gsi(device.name)
+            base = self.allocate_mmio(VIRTIO_MMIO_WINDOW, device.name)
+            transport = MmioTransport(device, self.memory, self.interrupt(gsi), self.events)
+        except BaseException:
+            device.close()
+            raise
+        managed = ManagedDevice(device.name, DeviceKind.VIRTIO_MMIO, device, mmio=[(base, VIRTIO_MMIO_WINDOW)],
+                                gsi=gsi, transport=transport, config=config)
+        self.devices.append(managed)
+        self.mmio.register(base, VIRTIO_MMIO_WINDOW, transport, device.name)
+        notify = base + MmioRegister.QUEUE_NOTIFY
+        for index, fd in enumerate(transport.queue_eventfds):
+            self.vm.register_ioeventfd(fd, notify, 4, datamatch=index)
+            self._ioeventfds.append((fd, notify, index))
+            self.events.watch_read(fd, functools.partial(transport.handle_queue_event, index))
+            self._watched.append(fd)
+        return managed
+
+    # -- queries ------------------------------------------------------------------------------------
+    def find(self, name: str) -> ManagedDevice | None:
+        return next((d for d in self.devices if d.name == name), None)
+
+    def of_type(self, cls: type) -> list[Any]:
+        return [d.device for d in self.devices if isinstance(d.device, cls)]
+
+    def virtio_devices(self) -> list[VirtioDevice]:
+        return [d.device for d in self.devices if d.kind is DeviceKind.VIRTIO_MMIO]
+
+    def cmdline_args(self) -> list[str]:
+        return [arg for d in self.devices for arg in d.cmdline_args]
+
+    def extend_cmdline(self, cmdline: str) -> str:
+        """``cmdline`` with the devices' announcements (before any ``--``)."""
+        args = " ".join(self.cmdline_args())
+        if not args:
+            return cmdline
+        head, sep, tail = f" {cmdline} ".partition(" -- ")
+        if not sep:
+            return f"{head.strip()} {args}".strip()
+        return f"{head.strip()} {args} -- {tail.strip()}".strip()
+
+    def bus_device(self, name: str) -> BusDevice | None:
+        managed = self.find(name)
+        return managed.transport if managed is not None and managed.transport is not None else None
+
+    # -- teardown -----------------------------------------------------------------------------------
+    def close(self, release_irqfds: bool = True) -> None:
+        """Stop watching, unregister ioeventfds and irqfds, close every device (idempotent)."""
+        for fd in self._watched:
+            self.events.unwatch_read(fd)
+        self._watched = []
+        for fd, address, index in self._ioeventfds:
+            try:
+                self.vm.unregister_ioeventfd(fd, address, 4, datamatch=index)
+            except OSError:
+                pass
+        self._ioeventfds = []
+        problems: list[str] = []
+        for managed in reversed(self.devices):
+            try:
+                if managed.transport is not None:
+                    self.mmio.unregister(managed.transport)
+                    managed.transport.close()
+                elif hasattr(managed.device, "close"):
+                    managed.device.close()
+            except Exception as exc:
+                problems.append(f"{managed.name}: {exc}")
+        self.devices = []
+        for line in self._interrupts:
+            if release_irqfds:
+                try:
+                    self.vm.unregister_irqfd(line.fd, line.gsi)
+                except OSError:
+                    pass
+            line.close()
+        self._interrupts = []
+        if problems:
+            raise RuntimeError("closing devices: " + "; ".join(problems))
+

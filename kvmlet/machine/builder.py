@@ -1,0 +1,166 @@
+"""Building a machine from a configuration: a sequence of steps, each usable on its own.
+
+``build_machine`` runs them all for a fresh boot: open KVM and check the configuration against it, read
+the images, create the VM (memory, interrupt controllers, GSI routing, timer), add the devices, load the
+kernel, create the vCPUs with their boot registers. A restore from a snapshot runs the same steps except
+the image reading and loading, and sets the vCPUs' saved state instead of boot registers.
+Nothing here knows the test guest: the caller resolves what to boot (``kvmlet.guest_image``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kvmlet.config.models import VmConfig
+from kvmlet.kvm import constants as c
+from kvmlet.machine.machine import Machine
+from kvmlet.machine.state import MachineError
+
+if TYPE_CHECKING:
+    from kvmlet.boot.loader import KernelImage
+    from kvmlet.devices.legacy.console import Console
+    from kvmlet.eventloop import EventLoopThread
+
+REQUIRED_CAPS = ((c.Cap.IRQCHIP, "the in-kernel interrupt controllers"), (c.Cap.IRQFD, "device interrupts"),
+                 (c.Cap.IOEVENTFD, "device notifications"), (c.Cap.USER_MEMORY, "guest memory"),
+                 (c.Cap.IMMEDIATE_EXIT, "pausing vCPUs"), (c.Cap.PIT2, "the in-kernel timer"))
+PVM_LINUX_WARNING = (
+    "this host's KVM is PVM (software virtualization, no VT-x/AMD-V) and this Linux kernel is not PVM-aware: "
+    "its kernel-mode code is emulated, so it prints its early boot log and then stops (emulation failure). "
+    "Boot a PVM guest kernel, or use a VMX/SVM host")
+
+
+def build_machine(config: VmConfig, events: EventLoopThread, *, console: Console | None = None,
+                  kernel_image: bytes | None = None) -> Machine:
+    """A machine ready to ``start()``; on failure everything created so far is released."""
+    machine = Machine(config, events, console)
+    try:
+        open_kvm(machine)
+        kernel, initrd = read_images(machine, kernel_image)
+        create_vm(machine)
+        add_devices(machine)
+        load_kernel(machine, kernel, initrd)
+        create_vcpus(machine, boot=True)
+    except BaseException:
+        try:
+            machine.close()
+        except MachineError:
+            pass  # the build failure is the error worth reporting
+        raise
+    return machine
+
+
+def open_kvm(machine: Machine) -> None:
+    """Open /dev/kvm, require what kvmlet needs, check the configuration against this host."""
+    from kvmlet.kvm.system import Kvm
+    from kvmlet.vcpu_runner import install_kick_handler
+
+    install_kick_handler()
+    machine.kvm = kvm = Kvm()
+    for cap, purpose in REQUIRED_CAPS:
+        kvm.require(cap, purpose)
+    machine.config.validate(kvm.max_vcpus)
+
+
+def read_images(machine: Machine, kernel_image: bytes | None = None) -> tuple[KernelImage, bytes | None]:
+    from kvmlet.boot.errors import BootImageError
+    from kvmlet.boot.loader import identify_kernel
+
+    boot = machine.config.boot_source
+    assert boot is not None  # validate() requires it
+    if kernel_image is None:
+        try:
+            kernel_image = Path(boot.kernel_image_path).read_bytes()
+        except OSError as exc:
+            raise MachineError(f"cannot read kernel {boot.kernel_image_path}: {exc.strerror}") from None
+    kernel = identify_kernel(kernel_image, Path(boot.kernel_image_path))
+    if kernel.linux_version and not kernel.pvm_aware and _pvm_host():
+        machine.warnings.append(PVM_LINUX_WARNING)
+    initrd = None
+    if boot.initrd_path is not None:
+        path = Path(boot.initrd_path)
+        size = path.stat().st_size
+        memory = machine.config.machine_config.memory_bytes
+        if size > memory:  # refuse before reading a file that cannot fit anyway
+            raise BootImageError(f"initrd {path} is {size / (1 << 20):.1f} MiB, more than the guest's "
+                                 f"{memory >> 20} MiB of memory")
+        initrd = path.read_bytes()
+    machine.timeline.mark("image-read")
+    return kernel, initrd
+
+
+def _pvm_host() -> bool:
+    from kvmlet.host.model import Backend
+    from kvmlet.host.virt import detect_backend
+
+    return detect_backend() is Backend.PVM
+
+
+def create_vm(machine: Machine) -> None:
+    """The KVM VM, its guest memory slots, interrupt controllers, GSI routing and timer."""
+    from kvmlet.devices.manager import DeviceManager
+    from kvmlet.memory import GuestMemory, GuestMemoryError
+
+    assert machine.kvm is not None
+    machine.vm = vm = machine.kvm.create_vm()
+    vm.set_tss_address()
+    vm.set_identity_map_address()
+    size = machine.config.machine_config.memory_bytes
+    try:
+        machine.memory = memory = GuestMemory.with_size(size)
+    except GuestMemoryError as exc:
+        raise MachineError(f"guest memory: {exc}") from None
+    except OSError as exc:
+        raise MachineError(f"cannot allocate {size >> 20} MiB of guest memory: {exc.strerror}") from None
+    for region in memory.regions:
+        vm.set_user_memory_region(region.slot, region.gpa, region.size, region.host_address)
+    vm.create_irqchip()
+    machine.devices = DeviceManager(vm, memory, machine.events, machine.pio, machine.mmio)
+    machine.devices.routing.set_pc_routes()
+    vm.create_pit2()
+
+
+def add_devices(machine: Machine) -> None:
+    """The legacy devices, then every device the configuration asks for."""
+    from kvmlet.devices.factory import add_configured_devices, add_legacy_devices
+    from kvmlet.devices.legacy.console import console_from_spec
+
+    assert machine.devices is not None
+    if machine.console is None:
+        machine.console = console_from_spec(machine.config.console, on_escape=machine.request_stop)
+    machine.legacy = add_legacy_devices(machine.devices, machine.console, on_first_byte=machine.first_byte,
+                                        on_reset=machine.guest_reset, on_exit=machine.guest_exit)
+    add_configured_devices(machine.devices, machine.config)
+    machine.timeline.mark("vm-created")
+
+
+def load_kernel(machine: Machine, kernel: KernelImage, initrd: bytes | None) -> None:
+    from kvmlet.boot.loader import BootProtocol, load
+
+    assert machine.memory is not None and machine.devices is not None and machine.config.boot_source
+    cmdline = machine.devices.extend_cmdline(machine.config.kernel_cmdline())
+    machine.boot_info = load(machine.memory, kernel, cmdline=cmdline, initrd=initrd,
+                             protocol=BootProtocol(machine.config.boot_source.boot_protocol),
+                             cpus=machine.config.machine_config.vcpu_count)
+    machine.timeline.mark("image-loaded")
+
+
+def create_vcpus(machine: Machine, *, boot: bool) -> None:
+    """Every vCPU with its CPUID and MSRs; with ``boot``, vCPU 0 gets the boot protocol's registers."""
+    from kvmlet.cpu.setup import configure_vcpu, set_boot_registers
+    from kvmlet.vcpu_runner import VcpuThread
+
+    assert machine.kvm is not None and machine.vm is not None
+    supported = machine.kvm.supported_cpuid()
+    count = machine.config.machine_config.vcpu_count
+    for index in range(count):
+        vcpu = machine.vm.create_vcpu(index)
+        machine.warnings.extend(configure_vcpu(vcpu, supported, count))
+        if boot and index == 0:
+            assert machine.boot_info is not None
+            set_boot_registers(vcpu, machine.boot_info.cpu_state)
+        machine.vcpus.append(vcpu)
+        machine.threads.append(VcpuThread(vcpu, machine.pio, machine.mmio, machine.vcpu_stopped,
+                                          machine.describe_failure))
+    machine.timeline.mark("vcpus-created")
