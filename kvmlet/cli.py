@@ -44,6 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvmlet", description="A virtual machine monitor on Linux KVM.")
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
+    serve = sub.add_parser("serve", help="serve the Firecracker-compatible API on a Unix socket",
+                           description="Serve the API (docs/api.md); a VM is configured and started through it.")
+    serve.add_argument("--api-sock", type=Path, required=True, help="the API's Unix socket (created 0600)")
+    serve.add_argument("--config-file", type=Path, help="a JSON VM configuration to boot at once")
+    serve.add_argument("--id", default="anonymous-instance", help="the VM's id (GET /, logs)")
+    serve.add_argument("--log-path", help="where the log goes (default: standard error)")
+    serve.add_argument("--level", default="Info", help="log level: Error, Warning, Info, Debug, Trace, Off")
+    serve.add_argument("--metrics-path", help="where the metrics JSON lines go")
+    serve.add_argument("--console", help="serial console of the VM: stdio, file:PATH, socket:PATH or none")
+    serve.add_argument("--exit-with-vm", action="store_true", help="exit when the guest ends (as Firecracker)")
     host = sub.add_parser("host", help="what this host offers for virtualization")
     host.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_parser("bench", add_help=False,
@@ -74,6 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         from kvmlet.host import host_main
 
         return host_main(json_output=args.json)
+    if args.command == "serve":
+        from kvmlet.api.serve import ServeOptions, serve
+
+        return serve(ServeOptions(api_sock=args.api_sock, config_file=args.config_file, instance_id=args.id,
+                                  log_path=args.log_path, level=args.level, metrics_path=args.metrics_path,
+                                  console=args.console, exit_with_vm=args.exit_with_vm))
     from kvmlet.run_command import run_main
 
     return run_main(args)

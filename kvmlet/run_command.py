@@ -120,8 +120,9 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
             if size % (1 << 20):
                 raise ConfigError(f"--memory {args.memory}: give a whole number of MiB")
             memory = size >> 20
-        changes["machine_config"] = _checked(MachineConfig, vcpu_count=args.vcpus if args.vcpus is not None else machine.vcpu_count,
-                                             mem_size_mib=memory, cpu_template=machine.cpu_template)
+        vcpus = args.vcpus if args.vcpus is not None else machine.vcpu_count
+        changes["machine_config"] = _checked(MachineConfig, vcpu_count=vcpus, mem_size_mib=memory,
+                                             cpu_template=machine.cpu_template)
     if args.drive:
         changes["drives"] = [*config.drives, *(parse_drive(spec, n) for n, spec in enumerate(args.drive))]
     if args.net:

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from kvmlet.config import MachineConfig
 from kvmlet.devices.legacy.console import BufferConsole
 from kvmlet.guest_image import builtin_guest
+from kvmlet.machine import ExitStatus, Machine
 from kvmlet.memory import MiB
-from kvmlet.vm import ExitStatus, Machine
+from tests.support.vmrun import built_machine, vm_config
 
 
 @pytest.fixture(scope="session")
@@ -41,22 +41,20 @@ RunGuest = Callable[..., GuestRun]
 
 @pytest.fixture
 def run_guest(guest_elf: Path) -> RunGuest:
-    """Boot the test guest with ``kvmlet.test=<tests>`` and return its status and console output."""
+    """Boot the test guest with ``kvmlet.test=<tests>`` and return its status and console output
+    (``memory`` in bytes, a whole number of MiB)."""
 
     def run(tests: str, *, vcpus: int = 1, memory: int = 64 * MiB, boot: str = "auto",
             extra: str = "", timeout: float = 60.0,
             during: Callable[[Machine, BufferConsole], None] | None = None) -> GuestRun:
         console = BufferConsole()
         cmdline = f"console=ttyS0 kvmlet.test={tests} {extra}".strip()
-        config = MachineConfig(kernel=guest_elf, cmdline=cmdline, vcpus=vcpus, memory=memory, boot=boot)
-        machine = Machine(config, console=console).build()
-        try:
+        config = vm_config(guest_elf, cmdline=cmdline, vcpus=vcpus, memory=memory, boot=boot)
+        with built_machine(config, console=console) as machine:
             machine.start()
             if during is not None:
                 during(machine, console)
             status = machine.wait(timeout)
-        finally:
-            machine.close()
         return GuestRun(status, console.output().decode(errors="replace"), machine)
 
     return run

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from kvmlet.config.models import RateLimiterConfig, TokenBucketConfig
 from kvmlet.devices.irq import NullInterrupt
 from kvmlet.devices.virtio.blk import (
     CONFIG,
@@ -32,7 +33,7 @@ from kvmlet.devices.virtio.constants import (
     feature_bit,
 )
 from kvmlet.devices.virtio.mmio import MmioTransport
-from kvmlet.devices.virtio.ratelimit import RateLimiter, RateLimiterConfig, TokenBucketConfig
+from kvmlet.devices.virtio.ratelimit import RateLimiter
 from kvmlet.memory import GuestMemory
 from tests.support.virtq import DriverRing, MmioDriver
 
@@ -361,7 +362,7 @@ def test_direct_io_aligned_and_bounced(memory: GuestMemory, image: Path) -> None
 
 def test_rate_limited_requests_resume_from_the_timer(memory: GuestMemory, image: Path) -> None:
     now = [0.0]
-    limiter = RateLimiter(RateLimiterConfig(ops=TokenBucketConfig(size=1, refill_time_ms=100)),
+    limiter = RateLimiter(RateLimiterConfig(ops=TokenBucketConfig(size=1, refill_time=100)),
                           clock=lambda: now[0])
     b = make_blk(memory, image, limiter=limiter)
     try:

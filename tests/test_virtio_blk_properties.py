@@ -13,11 +13,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kvmlet.config.models import RateLimiterConfig, TokenBucketConfig
 from kvmlet.devices.irq import NullInterrupt
 from kvmlet.devices.virtio.blk import RequestType, Status, VirtioBlock
 from kvmlet.devices.virtio.blk_backend import BlockBackend, BlockBackendError
 from kvmlet.devices.virtio.mmio import MmioTransport
-from kvmlet.devices.virtio.ratelimit import RateLimiter, RateLimiterConfig, TokenBucketConfig
+from kvmlet.devices.virtio.ratelimit import RateLimiter
 from kvmlet.memory import GuestMemory
 from tests.support.virtq import DriverRing, MmioDriver
 
@@ -83,7 +84,8 @@ request = st.tuples(common_kinds, st.integers(0, SECTORS + 2), st.lists(data_par
 def _outcomes(memory: GuestMemory, path: Path, requests: list[tuple[int, int, list[tuple[int, bool]], bool, int]],
               *, short_path: bool, readonly: bool, direct: bool = False) -> tuple[object, ...]:
     """Run the requests as one batch; what the driver and the image see afterwards."""
-    limiter = None if short_path else RateLimiter(RateLimiterConfig(ops=TokenBucketConfig(size=10**9)))
+    unlimited = RateLimiterConfig(ops=TokenBucketConfig(size=10**9, refill_time=1000))
+    limiter = None if short_path else RateLimiter(unlimited)
     device = VirtioBlock(BlockBackend.open(str(path), readonly=readonly, direct=direct), rate_limiter=limiter)
     transport = MmioTransport(device, memory, NullInterrupt())
     memory.fill(0, 4 << 20)

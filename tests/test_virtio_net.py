@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from kvmlet.config.models import RateLimiterConfig, TokenBucketConfig
 from kvmlet.devices.virtio.constants import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1, DeviceStatus, MmioRegister
 from kvmlet.devices.virtio.net import (
     NET_HDR,
@@ -36,7 +37,7 @@ from kvmlet.devices.virtio.net import (
     VIRTIO_NET_OK,
     VirtioNet,
 )
-from kvmlet.devices.virtio.ratelimit import RateLimiter, RateLimiterConfig, TokenBucketConfig
+from kvmlet.devices.virtio.ratelimit import RateLimiter
 from kvmlet.eventloop import EventLoopThread
 from kvmlet.memory import GuestMemory
 from kvmlet.net.tap import Tap
@@ -361,7 +362,7 @@ def test_tap_removed_mid_run_reports_link_down_and_drops(rig: NetRig) -> None:
 
 
 def test_transmit_rate_limit_delays_but_delivers(memory: GuestMemory, events: EventLoopThread) -> None:
-    limiter = RateLimiter(RateLimiterConfig(ops=TokenBucketConfig(size=1, refill_time_ms=100)))
+    limiter = RateLimiter(RateLimiterConfig(ops=TokenBucketConfig(size=1, refill_time=100)))
     rig = make_rig(memory, events, tx_rate_limiter=limiter)
     try:
         frames = [make_frame(HOST_MAC, GUEST_MAC, bytes([n]) * 60) for n in range(3)]
@@ -378,7 +379,7 @@ def test_transmit_rate_limit_delays_but_delivers(memory: GuestMemory, events: Ev
 
 
 def test_receive_rate_limit_holds_frames_in_guest_buffers(memory: GuestMemory, events: EventLoopThread) -> None:
-    limiter = RateLimiter(RateLimiterConfig(ops=TokenBucketConfig(size=1, refill_time_ms=100)))
+    limiter = RateLimiter(RateLimiterConfig(ops=TokenBucketConfig(size=1, refill_time=100)))
     rig = make_rig(memory, events, rx_rate_limiter=limiter)
     try:
         rig.post_rx(0, *[1526] * 4)

@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from kvmlet.devices.virtio.ratelimit import (
-    MIN_WAIT,
-    RateLimiter,
-    RateLimiterConfig,
-    RateLimitError,
-    TokenBucket,
-    TokenBucketConfig,
-    make_rate_limiter,
-)
+from kvmlet.config import decode
+from kvmlet.config.models import RateLimiterConfig, TokenBucketConfig
+from kvmlet.devices.virtio.ratelimit import MIN_WAIT, RateLimiter, TokenBucket, make_rate_limiter
+from kvmlet.errors import ConfigError
 
 
 class Clock:
@@ -25,7 +20,7 @@ class Clock:
 
 def test_bucket_starts_full_and_refills_linearly() -> None:
     clock = Clock()
-    bucket = TokenBucket(TokenBucketConfig(size=1000, refill_time_ms=1000), clock)
+    bucket = TokenBucket(TokenBucketConfig(size=1000, refill_time=1000), clock)
     assert bucket.wait_time(1000) == 0
     bucket.consume(1000)
     assert bucket.wait_time(1) == pytest.approx(0.001)
@@ -38,7 +33,7 @@ def test_bucket_starts_full_and_refills_linearly() -> None:
 
 def test_one_time_burst_is_used_first_and_not_refilled() -> None:
     clock = Clock()
-    bucket = TokenBucket(TokenBucketConfig(size=100, refill_time_ms=1000, one_time_burst=500), clock)
+    bucket = TokenBucket(TokenBucketConfig(size=100, refill_time=1000, one_time_burst=500), clock)
     assert bucket.wait_time(550) == 0
     bucket.consume(550)
     assert bucket.burst == 0 and bucket.budget == 50
@@ -48,7 +43,7 @@ def test_one_time_burst_is_used_first_and_not_refilled() -> None:
 
 def test_request_larger_than_the_bucket_is_admitted_when_full_and_leaves_debt() -> None:
     clock = Clock()
-    bucket = TokenBucket(TokenBucketConfig(size=100, refill_time_ms=1000), clock)
+    bucket = TokenBucket(TokenBucketConfig(size=100, refill_time=1000), clock)
     assert bucket.wait_time(300) == 0
     bucket.consume(300)
     assert bucket.budget == -200
@@ -57,8 +52,8 @@ def test_request_larger_than_the_bucket_is_admitted_when_full_and_leaves_debt() 
 
 def test_limiter_needs_both_buckets_and_consumes_nothing_when_waiting() -> None:
     clock = Clock()
-    limiter = RateLimiter(RateLimiterConfig(bandwidth=TokenBucketConfig(1000, 1000),
-                                            ops=TokenBucketConfig(2, 1000)), clock)
+    limiter = RateLimiter(RateLimiterConfig(bandwidth=TokenBucketConfig(size=1000, refill_time=1000),
+                                            ops=TokenBucketConfig(size=2, refill_time=1000)), clock)
     assert limiter.try_consume(100) == 0
     assert limiter.try_consume(100) == 0
     wait = limiter.try_consume(100)  # ops exhausted, bandwidth not
@@ -70,19 +65,21 @@ def test_limiter_needs_both_buckets_and_consumes_nothing_when_waiting() -> None:
 
 def test_minimum_wait() -> None:
     clock = Clock()
-    limiter = RateLimiter(RateLimiterConfig(ops=TokenBucketConfig(1_000_000, 1)), clock)
+    limiter = RateLimiter(RateLimiterConfig(ops=TokenBucketConfig(size=1_000_000, refill_time=1)), clock)
     limiter.try_consume(0, ops=1_000_000)
     assert limiter.try_consume(0, ops=1) >= MIN_WAIT
 
 
-@pytest.mark.parametrize("config", [TokenBucketConfig(0), TokenBucketConfig(10, 0),
-                                    TokenBucketConfig(10, 10, -1)])
-def test_bad_bucket_configurations(config: TokenBucketConfig) -> None:
-    with pytest.raises(RateLimitError):
-        RateLimiterConfig(bandwidth=config).validate("test")
+@pytest.mark.parametrize("body", ['{"size": 0, "refill_time": 1000}', '{"size": 10, "refill_time": 0}',
+                                  '{"size": 10, "refill_time": 10, "one_time_burst": -1}'])
+def test_bad_bucket_configurations(body: str) -> None:
+    """A bucket as a config file or API body gives it: refused by decoding (a negative count) or by
+    validation (a zero size or refill time), either way as a ConfigError."""
+    with pytest.raises(ConfigError):
+        RateLimiterConfig(bandwidth=decode(body, TokenBucketConfig, "bucket")).validate("test")
 
 
 def test_no_limit_gives_no_limiter() -> None:
     assert make_rate_limiter(None) is None
     assert make_rate_limiter(RateLimiterConfig()) is None
-    assert make_rate_limiter(RateLimiterConfig(ops=TokenBucketConfig(5))) is not None
+    assert make_rate_limiter(RateLimiterConfig(ops=TokenBucketConfig(size=5, refill_time=1000))) is not None

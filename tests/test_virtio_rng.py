@@ -6,10 +6,11 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from kvmlet.config.models import RateLimiterConfig, TokenBucketConfig
 from kvmlet.devices.irq import NullInterrupt
 from kvmlet.devices.virtio.constants import DeviceType
 from kvmlet.devices.virtio.mmio import MmioTransport
-from kvmlet.devices.virtio.ratelimit import RateLimiter, RateLimiterConfig, TokenBucketConfig
+from kvmlet.devices.virtio.ratelimit import RateLimiter
 from kvmlet.devices.virtio.rng import MAX_REQUEST_BYTES, VirtioRng
 from kvmlet.memory import GuestMemory
 from tests.support.virtq import DriverRing, MmioDriver
@@ -83,7 +84,7 @@ def test_device_readable_buffers_are_refused(memory: GuestMemory) -> None:
 
 def test_bandwidth_limit(memory: GuestMemory) -> None:
     now = [0.0]
-    limiter = RateLimiter(RateLimiterConfig(bandwidth=TokenBucketConfig(size=100, refill_time_ms=1000)),
+    limiter = RateLimiter(RateLimiterConfig(bandwidth=TokenBucketConfig(size=100, refill_time=1000)),
                           clock=lambda: now[0])
     device, transport, driver, ring, timers = _start(memory, limiter)
     try:

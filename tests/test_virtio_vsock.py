@@ -261,9 +261,7 @@ def test_device_reset_closes_host_sockets(rig: VsockRig, uds: Path) -> None:
 
 
 def test_listener_path_rules(uds: Path, events: EventLoopThread) -> None:
-    from kvmlet.devices.virtio.fdwatch import LoopFdWatcher
-
-    watcher = LoopFdWatcher(events)
+    watcher = events
     uds.write_text("not a socket")
     with pytest.raises(VsockError, match="not a socket"):
         VirtioVsock(3, uds, watcher)

@@ -38,8 +38,8 @@ NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 Positive = Annotated[int, msgspec.Meta(gt=0)]
 
 
-class Model(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, kw_only=True):
-    """Base of every model: unknown fields are refused, defaults are left out when encoding."""
+class Model(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Base of every model: unknown fields are refused; encoding gives every field, unset ones as null."""
 
 
 # -- rate limiters ----------------------------------------------------------------------------------

@@ -6,9 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from kvmlet.devices.irq import NullInterrupt
-from kvmlet.devices.virtio.attach import LoopScheduler
 from kvmlet.devices.virtio.constants import feature_bit
-from kvmlet.devices.virtio.fdwatch import LoopFdWatcher
 from kvmlet.devices.virtio.mmio import MmioTransport
 from kvmlet.devices.virtio.net import NET_HDR, VirtioNet
 from kvmlet.devices.virtio.ratelimit import RateLimiter
@@ -119,13 +117,13 @@ def make_rig(memory: GuestMemory, events: EventLoopThread, *, queues: int = 1, o
              tx_rate_limiter: RateLimiter | None = None) -> NetRig:
     tap = quiet_tap(queues)
     try:
-        device = VirtioNet(tap, GUEST_MAC, LoopFdWatcher(events), offloads=offloads,
+        device = VirtioNet(tap, GUEST_MAC, events, offloads=offloads,
                            rx_rate_limiter=rx_rate_limiter, tx_rate_limiter=tx_rate_limiter)
     except BaseException:
         tap.close()
         raise
     irq = NullInterrupt()
-    transport = MmioTransport(device, memory, irq, LoopScheduler(events))
+    transport = MmioTransport(device, memory, irq, events)
     driver = MmioDriver(transport)
     rig = NetRig(memory, device, transport, driver, {}, irq)
     try:

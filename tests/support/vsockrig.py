@@ -7,8 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvmlet.devices.irq import NullInterrupt
-from kvmlet.devices.virtio.attach import LoopScheduler
-from kvmlet.devices.virtio.fdwatch import LoopFdWatcher
 from kvmlet.devices.virtio.mmio import MmioTransport
 from kvmlet.devices.virtio.vsock import RX_QUEUE, TX_QUEUE, VirtioVsock
 from kvmlet.devices.virtio.vsock_packet import HDR_SIZE, HOST_CID, TYPE_STREAM, Op, VsockHeader
@@ -79,8 +77,8 @@ class VsockRig:
 
 
 def make_vsock_rig(memory: GuestMemory, events: EventLoopThread, uds: Path) -> VsockRig:
-    device = VirtioVsock(GUEST_CID, uds, LoopFdWatcher(events))
-    transport = MmioTransport(device, memory, NullInterrupt(), LoopScheduler(events))
+    device = VirtioVsock(GUEST_CID, uds, events)
+    transport = MmioTransport(device, memory, NullInterrupt(), events)
     driver = MmioDriver(transport)
     rings = []
     try:

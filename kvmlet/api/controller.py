@@ -1,0 +1,274 @@
+"""The VMM behind the API: the configuration being assembled before boot, the machine after it.
+
+Every operation takes one lock, checks the lifecycle state and either changes it completely or not at all
+(a call that fails changes nothing). Blocking work (building and starting the machine, pausing its vCPUs)
+runs on the calling thread: the HTTP server calls in from a worker thread, never from the event loop, so
+the API keeps answering while a VM is built, paused or busy.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from kvmlet.config.models import (
+    BootSource,
+    CpuConfig,
+    Drive,
+    DriveUpdate,
+    Entropy,
+    Logger,
+    MachineConfig,
+    MachineConfigUpdate,
+    Metrics,
+    NetworkInterface,
+    NetworkInterfaceUpdate,
+    VmConfig,
+    Vsock,
+)
+from kvmlet.errors import ConfigError, KvmletError, StateError, UnsupportedError
+
+if TYPE_CHECKING:
+    from kvmlet.eventloop import EventLoopThread
+    from kvmlet.machine import ExitStatus, Machine
+
+NOT_SUPPORTED_AFTER_BOOT = "The requested operation is not supported after starting the microVM."
+NOT_SUPPORTED_BEFORE_BOOT = "The requested operation is not supported before starting the microVM."
+
+
+class InstanceState(enum.Enum):
+    NOT_STARTED = "Not started"
+    RUNNING = "Running"
+    PAUSED = "Paused"
+    HALTED = "Halted"   # kvmlet: the guest ended; Firecracker's process exits instead
+
+
+@dataclass
+class ApiCounters:
+    """Requests per method and resource, and failures (for the metrics)."""
+
+    requests: dict[str, int] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=dict)
+
+    def count(self, key: str, failed: bool) -> None:
+        self.requests[key] = self.requests.get(key, 0) + 1
+        if failed:
+            self.failures[key] = self.failures.get(key, 0) + 1
+
+
+class Vmm:
+    """One microVM, configured and driven through the API."""
+
+    def __init__(self, events: EventLoopThread, *, instance_id: str = "anonymous-instance",
+                 config: VmConfig | None = None,
+                 on_exit: Callable[[ExitStatus], None] | None = None) -> None:
+        self.events = events
+        self.instance_id = instance_id
+        self.config = config if config is not None else VmConfig()
+        self.machine: Machine | None = None
+        self.counters = ApiCounters()
+        self._lock = threading.RLock()
+        self._on_exit = on_exit
+        self._starting = False
+        self.startup_us = 0                                     # process start to API ready
+        self.metrics_hook: Callable[[Metrics], None] | None = None  # starts the metrics writer
+        self.metrics_sink: Callable[[], None] | None = None     # FlushMetrics, set by the metrics writer
+        self.logger_sink: Callable[[Logger], None] | None = None
+
+    # -- state --------------------------------------------------------------------------------------
+    @property
+    def state(self) -> InstanceState:
+        from kvmlet.machine import VmState
+
+        machine = self.machine
+        if machine is None:
+            return InstanceState.NOT_STARTED
+        if machine.exited or machine.state is VmState.STOPPED:
+            return InstanceState.HALTED
+        return InstanceState.PAUSED if machine.state is VmState.PAUSED else InstanceState.RUNNING
+
+    @property
+    def started(self) -> bool:
+        return self.machine is not None or self._starting
+
+    def _pre_boot(self) -> None:
+        if self.started:
+            raise StateError(NOT_SUPPORTED_AFTER_BOOT)
+
+    def _post_boot(self) -> Machine:
+        if self.machine is None:
+            raise StateError(NOT_SUPPORTED_BEFORE_BOOT)
+        return self.machine
+
+    def _replace(self, **changes: object) -> None:
+        self.config = msgspec.structs.replace(self.config, **changes)
+
+    # -- pre-boot configuration ---------------------------------------------------------------------
+    def put_boot_source(self, boot: BootSource) -> None:
+        with self._lock:
+            self._pre_boot()
+            boot.validate()
+            self._replace(boot_source=boot)
+
+    def put_machine_config(self, machine: MachineConfig) -> None:
+        with self._lock:
+            self._pre_boot()
+            machine.validate()
+            self._replace(machine_config=machine)
+
+    def patch_machine_config(self, update: MachineConfigUpdate) -> None:
+        with self._lock:
+            self._pre_boot()
+            machine = update.apply(self.config.machine_config)
+            machine.validate()
+            self._replace(machine_config=machine)
+
+    def put_drive(self, drive: Drive) -> None:
+        with self._lock:
+            self._pre_boot()
+            drive.validate()
+            others = [d for d in self.config.drives if d.drive_id != drive.drive_id]
+            if drive.is_root_device and any(d.is_root_device for d in others):
+                raise ConfigError("A root block device already exists!")
+            replaced = [drive if d.drive_id == drive.drive_id else d for d in self.config.drives]
+            if len(others) == len(self.config.drives):
+                replaced.append(drive)
+            self._replace(drives=replaced)
+
+    def put_network_interface(self, net: NetworkInterface) -> None:
+        with self._lock:
+            self._pre_boot()
+            net.validate()
+            others = [n for n in self.config.network_interfaces if n.iface_id != net.iface_id]
+            from kvmlet.config.models import AUTO_TAP, parse_mac
+
+            if net.host_dev_name != AUTO_TAP and any(n.host_dev_name == net.host_dev_name for n in others):
+                raise ConfigError(f"host_dev_name {net.host_dev_name!r} is used by another network interface")
+            if net.guest_mac is not None and any(
+                    n.guest_mac is not None and parse_mac(n.guest_mac) == parse_mac(net.guest_mac) for n in others):
+                raise ConfigError(f"guest_mac {net.guest_mac} is used by another network interface")
+            replaced = [net if n.iface_id == net.iface_id else n for n in self.config.network_interfaces]
+            if len(others) == len(self.config.network_interfaces):
+                replaced.append(net)
+            self._replace(network_interfaces=replaced)
+
+    def put_vsock(self, vsock: Vsock) -> None:
+        with self._lock:
+            self._pre_boot()
+            vsock.validate()
+            self._replace(vsock=vsock)
+
+    def put_entropy(self, entropy: Entropy) -> None:
+        with self._lock:
+            self._pre_boot()
+            entropy.validate()
+            self._replace(entropy=entropy)
+
+    def put_logger(self, logger: Logger) -> None:
+        with self._lock:
+            self._pre_boot()
+            logger.validate()
+            if self.logger_sink is not None:
+                self.logger_sink(logger)
+            self._replace(logger=logger)
+
+    def put_metrics(self, metrics: Metrics) -> None:
+        with self._lock:
+            self._pre_boot()
+            if self.config.metrics is not None:
+                raise StateError("Reinitialization of metrics not allowed.")
+            metrics.validate()
+            if self.metrics_hook is not None:
+                self.metrics_hook(metrics)
+            self._replace(metrics=metrics)
+
+    def put_cpu_config(self, cpu: CpuConfig) -> None:
+        with self._lock:
+            self._pre_boot()
+            cpu.validate()
+            self._replace(cpu_config=cpu)
+
+    # -- post-boot updates --------------------------------------------------------------------------
+    def patch_drive(self, update: DriveUpdate) -> None:
+        from kvmlet.devices.factory import update_drive
+
+        with self._lock:
+            machine = self._post_boot()
+            if machine.devices is None:
+                raise StateError(f"cannot update drive {update.drive_id!r}: the VM is {self.state.value}")
+            drive = update_drive(machine.devices, update)
+            self._replace(drives=[drive if d.drive_id == drive.drive_id else d for d in self.config.drives])
+
+    def patch_network_interface(self, update: NetworkInterfaceUpdate) -> None:
+        from kvmlet.devices.factory import update_network_interface
+
+        with self._lock:
+            machine = self._post_boot()
+            if machine.devices is None:
+                raise StateError(f"cannot update interface {update.iface_id!r}: the VM is {self.state.value}")
+            net = update_network_interface(machine.devices, update)
+            self._replace(network_interfaces=[net if n.iface_id == net.iface_id else n
+                                              for n in self.config.network_interfaces])
+
+    # -- actions ------------------------------------------------------------------------------------
+    def instance_start(self) -> None:
+        """Build the VM from the configuration and start it (blocking; about 2-3 ms for a small VM)."""
+        from kvmlet.machine import build_machine
+
+        with self._lock:
+            self._pre_boot()
+            if self.config.boot_source is None:
+                raise ConfigError("Cannot start microvm without kernel configuration.")
+            self._starting = True
+            try:
+                machine = build_machine(self.config, self.events)
+                machine.on_stop.append(self._machine_stopped)
+                try:
+                    machine.start()
+                except BaseException:
+                    machine.close()
+                    raise
+            except KvmletError as exc:
+                raise StartError(f"Start microvm error: {exc}") from None
+            finally:
+                self._starting = False
+            self.machine = machine
+
+    def _machine_stopped(self, status: ExitStatus) -> None:
+        if self._on_exit is not None:
+            self._on_exit(status)
+
+    def send_ctrl_alt_del(self) -> None:
+        with self._lock:
+            self._post_boot().send_ctrl_alt_del()
+
+    def flush_metrics(self) -> None:
+        self._post_boot()
+        if self.metrics_sink is None:
+            raise ConfigError("Failed to flush metrics: the metrics system is not initialized (PUT /metrics).")
+        self.metrics_sink()
+
+    def pause(self) -> None:
+        with self._lock:
+            self._post_boot().pause()
+
+    def resume(self) -> None:
+        with self._lock:
+            self._post_boot().resume()
+
+    def unsupported(self, what: str) -> None:
+        raise UnsupportedError(what)
+
+    def close(self) -> None:
+        with self._lock:
+            if self.machine is not None:
+                self.machine.close()
+
+
+class StartError(KvmletError):
+    """InstanceStart failed; nothing was left running."""
