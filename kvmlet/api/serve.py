@@ -71,10 +71,10 @@ def configure_logging(instance_id: str, path: str | None, level: str, show_level
 def serve(options: ServeOptions) -> int:
     """Serve the API until a signal (or the VM's end, with ``exit_with_vm``); the process exit status."""
     started = options.started_at if options.started_at is not None else time.perf_counter()
-    from kvmlet.api.controller import Vmm
-    from kvmlet.api.server import ApiServer, bind_api_socket
     import msgspec
 
+    from kvmlet.api.controller import Vmm
+    from kvmlet.api.server import ApiServer, bind_api_socket
     from kvmlet.config import Metrics, load_config_file
     from kvmlet.eventloop import EventLoopThread
     from kvmlet.vcpu_runner import install_kick_handler
