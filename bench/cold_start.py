@@ -18,7 +18,7 @@ from bench.vmms import Launch, kvmlet_launch, qemu_launch
 NAME = "cold-start"
 GUEST_MEMORY_MIB = 128
 ORIGIN_ENV = "KVMLET_BOOT_TIMER_ORIGIN"
-NO_SITE = "kvmlet-S"   # python -S: no site-packages (kvmlet has no dependencies)
+NO_SITE = "kvmlet-S"   # python -S: no site module (kvmlet's few dependencies are put on PYTHONPATH)
 _TIMER_LINE = re.compile(r"^  (\S.*?)\s+(-?\d+\.\d+)\s+\(\+(-?\d+\.\d+)\)$")
 
 
@@ -61,7 +61,7 @@ def launches(ctx: Context) -> list[Launch]:
     out = [kvmlet_launch(ctx.guest, DEFAULT_GUEST_CMDLINE, GUEST_MEMORY_MIB, boot=boot,
                          python_flags=ctx.python_flags, extra_args=("--boot-timer",))
            for boot in ("linux64", "pvh")]
-    if "-S" not in ctx.python_flags:  # kvmlet needs nothing from site-packages: show what skipping site saves
+    if "-S" not in ctx.python_flags:  # show what skipping site (and its .pth files) saves
         out.append(kvmlet_launch(ctx.guest, DEFAULT_GUEST_CMDLINE, GUEST_MEMORY_MIB, side=NO_SITE,
                                  python_flags=(*ctx.python_flags, "-S"), extra_args=("--boot-timer",)))
     if ctx.qemu is not None:
@@ -87,7 +87,8 @@ def run(ctx: Context) -> BenchResult:
                 continue
             subject = Series(side, [getattr(r, attribute) for r in by_side[side]])
             note = {"kvmlet-pvh": "like for like: both boot through PVH",
-                    NO_SITE: "the interpreter without site-packages (kvmlet needs none)"}.get(side, "")
+                    NO_SITE: "the interpreter without the site module (kvmlet's dependencies on PYTHONPATH)",
+                    }.get(side, "")
             result.rows.append(paired_row(NAME, f"{what}, kvmlet {entry}", "ms", subject, baseline,
                                           target=target, note=note))
     labels = [label for label in by_side["kvmlet"][0].steps] if by_side["kvmlet"] else []

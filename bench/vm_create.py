@@ -23,7 +23,8 @@ def run(ctx: Context) -> BenchResult:
     argv = [sys.executable, *ctx.python_flags, "-m", "bench.vm_create_worker", "--count", str(sizes.vm_count),
             "--memory", str(sizes.vm_memory_mib), "--guest", str(ctx.guest)]
     ctx.log(f"vm-create: 2 x {sizes.vm_count} VMs of {sizes.vm_memory_mib} MiB, one after another")
-    done = subprocess.run(argv, cwd=REPO, env=kvmlet_env(), capture_output=True, text=True, timeout=1800)
+    done = subprocess.run(argv, cwd=REPO, env=kvmlet_env(python_flags=ctx.python_flags), capture_output=True,
+                          text=True, timeout=1800)
     if done.returncode != 0:
         raise BenchError(f"vm-create worker failed ({done.returncode}): {done.stderr.strip()[-800:]}")
     data = json.loads(done.stdout)

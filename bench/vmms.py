@@ -3,7 +3,8 @@
 Both boot the same test-guest ELF with the same command line and memory size, with the serial console on
 the process's stdout. kvmlet runs as ``python -m kvmlet run`` from the source tree with bytecode caching on
 (an installed package has its .pyc files; PYTHONDONTWRITEBYTECODE is dropped for the child so the warm-up
-run writes them once).
+run writes them once). With ``-S`` among the interpreter flags (no ``site`` module, so no site-packages on
+``sys.path``) the directories kvmlet's run-time dependencies come from are put on ``PYTHONPATH``.
 """
 
 from __future__ import annotations
@@ -31,9 +32,31 @@ class Launch:
         return (guest_status << 1) | 1 if self.qemu_exit_code else guest_status
 
 
-def kvmlet_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+RUNTIME_DEPENDENCIES = ("msgspec", "pyroute2", "h11", "prometheus_client")  # pyproject.toml's dependencies
+
+
+def dependency_dirs() -> list[str]:
+    """The directories (site-packages) kvmlet's run-time dependencies are imported from, in this interpreter."""
+    import importlib.util
+
+    dirs: list[str] = []
+    for name in RUNTIME_DEPENDENCIES:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            continue
+        location = Path(spec.origin).parent
+        if spec.submodule_search_locations is not None:  # a package: .../site-packages/<name>/__init__.py
+            location = location.parent
+        if str(location) not in dirs:
+            dirs.append(str(location))
+    return dirs
+
+
+def kvmlet_env(extra: dict[str, str] | None = None, python_flags: tuple[str, ...] = ()) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("PYTHONDONTWRITEBYTECODE", None)
+    if "-S" in python_flags:
+        env["PYTHONPATH"] = os.pathsep.join([*dependency_dirs(), *filter(None, [env.get("PYTHONPATH")])])
     env.update(extra or {})
     return env
 
@@ -44,7 +67,7 @@ def kvmlet_launch(guest: Path, cmdline: str, memory_mib: int, *, boot: str = "li
     argv = [sys.executable, *python_flags, "-m", "kvmlet", "run", "--kernel", str(guest), "--cmdline", cmdline,
             "--memory", f"{memory_mib}M", "--boot", boot, "--console", "stdio", *extra_args]
     label = side or ("kvmlet" if boot == "linux64" else f"kvmlet-{boot}")
-    return Launch(label, argv, kvmlet_env(env))
+    return Launch(label, argv, kvmlet_env(env, python_flags))
 
 
 # microvm with modern virtio-mmio devices announced on the kernel command line (virtio_mmio.device=...):

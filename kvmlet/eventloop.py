@@ -8,9 +8,9 @@ before any VM exists and outlive it.
 The asyncio loop (asyncio is a large import) is created on first use: a VM whose devices never need it
 starts without it, which keeps cold start short.
 
-Watching and unwatching work from any thread. On the loop thread itself, or while the loop is not
-running, the change is immediate; from another thread (a vCPU thread resetting a device, with the
-transport's lock held) it is queued to the loop and not waited for, so a device can never deadlock
+Watching and unwatching work from any thread. On the loop thread itself, or while no thread runs the
+loop (before ``start``, after ``stop``), the change is immediate; from another thread (a vCPU thread
+resetting a device, with the transport's lock held) it is queued to the loop and not waited for, so a device can never deadlock
 against a loop callback waiting for the same lock. A callback may therefore run once after its
 ``unwatch``, and must check that its owner is still live. A watched descriptor is closed with
 ``call_soon(close)`` after its unwatch, so its number cannot be reused (and watched) in between.
@@ -105,7 +105,10 @@ class EventLoopThread:
 
     def _run_on_loop(self, function: Callable[..., Any], *args: Any, always: bool = False) -> None:
         loop = self.loop
-        if self.on_loop_thread() or not loop.is_running():
+        thread = self._thread
+        # immediate only on the loop thread or while no thread runs the loop (not started, or ended):
+        # once started, the loop may not have reached run_forever yet, and then the call must wait for it
+        if self.on_loop_thread() or not (self._started and thread is not None and thread.is_alive()):
             try:
                 function(*args)
             except RuntimeError:  # a loop method on a closed loop: nothing is watched any more

@@ -92,6 +92,7 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
     import msgspec
 
     from kvmlet.config import BootSource, MachineConfig, VmConfig, load_config_file, parse_size
+    from kvmlet.config.models import MAX_VCPUS_SUPPORTED, MIN_MEM_SIZE_MIB
     from kvmlet.config.specs import parse_drive, parse_net, parse_rng, parse_vsock
     from kvmlet.guest_image import with_builtin_guest
 
@@ -121,13 +122,19 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
                 raise ConfigError(f"--memory {args.memory}: give a whole number of MiB")
             memory = size >> 20
         vcpus = args.vcpus if args.vcpus is not None else machine.vcpu_count
+        if not 1 <= vcpus <= MAX_VCPUS_SUPPORTED:
+            raise ConfigError(f"--vcpus {vcpus}: choose 1 to {MAX_VCPUS_SUPPORTED}")
+        if memory < MIN_MEM_SIZE_MIB:
+            raise ConfigError(f"--memory {args.memory}: kvmlet needs at least {MIN_MEM_SIZE_MIB} MiB")
         changes["machine_config"] = _checked(MachineConfig, vcpu_count=vcpus, mem_size_mib=memory,
                                              cpu_template=machine.cpu_template)
     if args.drive:
-        changes["drives"] = [*config.drives, *(parse_drive(spec, n) for n, spec in enumerate(args.drive))]
+        changes["drives"] = [*config.drives, *(parse_drive(spec, n)
+                                               for n, spec in enumerate(args.drive, len(config.drives)))]
     if args.net:
         changes["network_interfaces"] = [*config.network_interfaces,
-                                         *(parse_net(spec, n) for n, spec in enumerate(args.net))]
+                                         *(parse_net(spec, n)
+                                           for n, spec in enumerate(args.net, len(config.network_interfaces)))]
     if args.rng is not None:
         changes["entropy"] = parse_rng(args.rng)
     if args.vsock:

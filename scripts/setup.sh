@@ -29,6 +29,26 @@ make -s -C guest
 echo "setup: fetching the Debian cloud kernel (boot-protocol reference, cached outside the repo)"
 $PYTHON -m tests.support.debian_kernel
 
+# ---- begin: firecracker-python client for tests/test_firecracker_client.py ----
+# The third-party Firecracker client (PyPI firecracker-python) drives kvmlet-firecracker in that test. It pins
+# many packages (docker, requests, paramiko, psutil, ...), so it gets its own virtual environment.
+FCPY_VENV="${KVMLET_FCPY_VENV:-$HOME/.cache/kvmlet/fcpy-venv}"
+FCPY_VERSION="0.0.5"
+if [ ! -x "$FCPY_VENV/bin/pip" ]; then
+    echo "setup: creating the firecracker-python venv at $FCPY_VENV"
+    if ! $PYTHON -m venv "$FCPY_VENV" >/dev/null 2>&1; then
+        # Debian's own python3 has no ensurepip without python3-venv
+        $SUDO apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
+        $PYTHON -m venv "$FCPY_VENV"
+    fi
+fi
+if ! "$FCPY_VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('firecracker-python') != '$FCPY_VERSION')" 2>/dev/null; then
+    echo "setup: installing firecracker-python==$FCPY_VERSION into $FCPY_VENV"
+    "$FCPY_VENV/bin/python" -m pip install -q --disable-pip-version-check "firecracker-python==$FCPY_VERSION"
+fi
+# ---- end: firecracker-python client for tests/test_firecracker_client.py ----
+
 if [ ! -w /dev/kvm ]; then
     echo "setup: warning: /dev/kvm is missing or not writable by $(id -un); VMs cannot run" >&2
 fi

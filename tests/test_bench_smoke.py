@@ -60,6 +60,9 @@ def test_every_benchmark_runs_on_kvmlet(guest_elf: Path, tmp_path: Path,
     for depth in (1, 8):
         assert blk[f"4 KiB random read, depth {depth}"]["kvmlet"]["median"] > 0
         assert blk[f"sequential read, 64 KiB requests, depth {depth}"]["unit"] == "MiB/s"
+    api = {row["metric"].strip(): row for row in results["api"]["rows"]}
+    assert api["InstanceStart request to the first guest byte"]["kvmlet"]["median"] > 0
+    assert api["GET / round trip, server up, no VM"]["unit"] == "us"
     if _net_possible():
         net = results["net"]["rows"]
         assert net[0]["unit"] == "frames/s" and net[0]["kvmlet"]["median"] > 0
@@ -73,7 +76,7 @@ def test_every_benchmark_runs_against_qemu(guest_elf: Path, tmp_path: Path) -> N
         pytest.skip(f"{tools.QEMU_BINARY} not found: the QEMU half of the benchmarks is not checked "
                     "(apt-get install qemu-system-x86)")
     results = _by_name(_run_bench(tmp_path))
-    for name in ("cold-start", "exits", "memory", "density", "blk", *(("net",) if _net_possible() else ())):
+    for name in ("cold-start", "api", "exits", "memory", "density", "blk", *(("net",) if _net_possible() else ())):
         compared = [row for row in results[name]["rows"] if row["baseline"] is not None and row["unit"] != "%"]
         assert compared, name
         for row in compared:

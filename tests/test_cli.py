@@ -11,11 +11,14 @@ from pathlib import Path
 import pytest
 
 from kvmlet.cli import main
-from kvmlet.config import host_memory_bytes
-from kvmlet.vm import StopKind
+from kvmlet.machine import StopKind
 from tests.conftest import RunGuest
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def host_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _kvmlet(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -112,7 +115,8 @@ def test_command_line_over_the_limit(capsys: pytest.CaptureFixture[str], guest_e
 
 
 def test_memory_zero(capsys: pytest.CaptureFixture[str]) -> None:
-    assert "larger than zero" in _refused(capsys, "--memory", "0")
+    err = _refused(capsys, "--memory", "0")
+    assert "--memory" in err and "16 MiB" in err  # below the 16 MiB minimum
 
 
 def test_memory_beyond_the_host(capsys: pytest.CaptureFixture[str]) -> None:
@@ -129,7 +133,13 @@ def test_missing_kernel_file(capsys: pytest.CaptureFixture[str], tmp_path: Path)
 
 
 def test_too_many_vcpus(capsys: pytest.CaptureFixture[str]) -> None:
-    assert "--vcpus" in _refused(capsys, "--vcpus", "100000")
+    err = _refused(capsys, "--vcpus", "100000")
+    assert "--vcpus" in err and "254" in err
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--vcpus", "100000"), ("--memory", "0")])
+def test_range_errors_name_the_flag(capsys: pytest.CaptureFixture[str], flag: str, value: str) -> None:
+    assert flag in _refused(capsys, flag, value)
 
 
 def test_not_a_kernel_at_all(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

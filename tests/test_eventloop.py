@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 import time
@@ -51,7 +50,11 @@ def test_stop_gives_up_on_a_stuck_callback_with_a_warning(monkeypatch: pytest.Mo
     events = EventLoopThread("test-stuck")
     events.start()
     release = threading.Event()
-    events.call_soon(functools.partial(release.wait, 5))
+
+    def stuck() -> None:
+        release.wait(5)
+
+    events.call_soon(stuck)
     with caplog.at_level(logging.WARNING, logger="kvmlet.eventloop"):
         events.stop()
     assert "did not stop" in caplog.text

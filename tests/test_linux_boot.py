@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 
 from kvmlet.boot.e820 import E820Entry, E820Type
-from kvmlet.config import MachineConfig
 from kvmlet.devices.legacy.console import BufferConsole
+from kvmlet.machine import Machine
 from kvmlet.memory import MiB
-from kvmlet.vm import Machine
 from tests.support.debian_kernel import DebianKernel, debian_cloud_kernel
 from tests.support.initrd import make_initrd
+from tests.support.vmrun import built_machine, vm_config
 
 CMDLINE = "console=ttyS0 earlyprintk=serial,ttyS0 noxsave clearcpuid=141 kvmlet.marker=reference-check"
 LINUX_E820_NAMES = {E820Type.RAM: "usable", E820Type.RESERVED: "reserved", E820Type.ACPI: "ACPI data",
@@ -40,18 +40,14 @@ def initrd(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _boot_until(kernel_path: Path, initrd: Path | None, boot: str, marker: bytes, timeout: float,
                 vcpus: int = 1) -> tuple[Machine, str]:
     console = BufferConsole()
-    config = MachineConfig(kernel=kernel_path, initrd=initrd, cmdline=CMDLINE, memory=256 * MiB,
-                           boot=boot, vcpus=vcpus)
-    machine = Machine(config, console=console).build()
-    try:
+    config = vm_config(kernel_path, initrd=initrd, cmdline=CMDLINE, memory=256 * MiB, boot=boot, vcpus=vcpus)
+    with built_machine(config, console=console) as machine:
         machine.start()
         seen = console.wait_for(marker, timeout)
         if seen:  # let the rest of that line arrive
             console.wait_for(b"\n", 10, start=console.output().find(marker))
         machine.request_stop()
         machine.wait(10)
-    finally:
-        machine.close()
     text = console.output().decode(errors="replace")
     assert seen, f"{marker!r} not printed within {timeout} s; the kernel printed:\n{text[-3000:]}"
     return machine, text

@@ -10,53 +10,53 @@ from pathlib import Path
 
 import pytest
 
-from kvmlet.config import ConfigError, MachineConfig
-from kvmlet.devices.virtio.net_options import (
-    NetConfig,
-    VsockConfig,
-    default_mac,
-    format_mac,
-    parse_mac,
-    parse_net,
-    parse_vsock,
-    validate_network,
+from kvmlet.config import (
+    ConfigError,
+    NetworkInterface,
+    RateLimiterConfig,
+    TokenBucketConfig,
+    VmConfig,
+    Vsock,
+    decode,
+    encode,
+    simple_config,
 )
-from kvmlet.devices.virtio.ratelimit import RateLimiterConfig, TokenBucketConfig
+from kvmlet.config.models import format_mac, parse_mac
+from kvmlet.config.specs import parse_net, parse_vsock
+from kvmlet.devices.factory import default_mac
+from kvmlet.net.tap import MAX_QUEUES
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def test_full_net_spec() -> None:
     net = parse_net("tap=tap7,mac=02:00:00:12:34:56,queues=4,offload=off,mtu=9000,address=10.213.5.1/24,"
-                    "bridge=br0,rx-bps=10M,rx-pps=1000,tx-bps=1M,tx-bps-burst=64K,refill-ms=100")
-    assert net == NetConfig(tap="tap7", mac="02:00:00:12:34:56", queues=4, offload=False, mtu=9000,
-                            address="10.213.5.1/24", bridge="br0",
-                            rx_rate_limit=RateLimiterConfig(bandwidth=TokenBucketConfig(10 << 20, 100),
-                                                            ops=TokenBucketConfig(1000, 100)),
-                            tx_rate_limit=RateLimiterConfig(bandwidth=TokenBucketConfig(1 << 20, 100, 65536)))
+                    "bridge=br0,rx-bps=10M,rx-pps=1000,tx-bps=1M,tx-bps-burst=64K,refill-ms=100", 0)
+    assert net == NetworkInterface(
+        iface_id="net0", host_dev_name="tap7", guest_mac="02:00:00:12:34:56", queues=4, offload=False, mtu=9000,
+        address="10.213.5.1/24", bridge="br0",
+        rx_rate_limiter=RateLimiterConfig(bandwidth=TokenBucketConfig(size=10 << 20, refill_time=100),
+                                          ops=TokenBucketConfig(size=1000, refill_time=100)),
+        tx_rate_limiter=RateLimiterConfig(bandwidth=TokenBucketConfig(size=1 << 20, refill_time=100,
+                                                                      one_time_burst=65536)))
+    net.validate()
 
 
 def test_bare_tap_and_defaults() -> None:
-    assert parse_net("auto") == NetConfig()
-    assert parse_net("") == NetConfig()
-    net = parse_net("mytap")
-    assert net.tap == "mytap" and net.queues == 1 and net.offload and net.mac is None
-    assert not net.rx_rate_limit.enabled and not net.tx_rate_limit.enabled
+    assert parse_net("auto", 0) == NetworkInterface(iface_id="net0")
+    assert parse_net("", 2) == NetworkInterface(iface_id="net2")
+    assert parse_net("id=eth_0", 0).iface_id == "eth_0"
+    net = parse_net("mytap", 0)
+    assert net.host_dev_name == "mytap" and net.queues == 1 and net.offload and net.guest_mac is None
+    assert net.rx_rate_limiter is None and net.tx_rate_limiter is None
 
 
 @pytest.mark.parametrize(("spec", "message"), [
-    ("tap=a/b", "not an interface name"),
-    ("tap=averyveryverylongname", "not an interface name"),
-    ("queues=0", "choose 1 to 16"),
-    ("queues=17", "choose 1 to 16"),
+    ("queues=0", "queues=0: choose 1 to "),
+    ("queues=17", "queues=17: choose 1 to "),
     ("queues=two", "is not a number"),
-    ("mac=01:00:5e:00:00:01", "multicast"),
-    ("mac=02:00:00:00:00", "is not like"),
-    ("mac=00:00:00:00:00:00", "not a usable address"),
     ("offload=maybe", "use on or off"),
-    ("mtu=20", "outside 68..65521"),
-    ("address=10.0.0.300/24", "is not like 10.0.0.1/24"),
-    ("bridge=a:b", "is not an interface name"),
+    ("mtu=20", "mtu=20: choose 68 to "),
     ("rx-bps-burst=5", "rx-bps-burst needs rx-bps"),
     ("tx-pps=0", "tx-pps must be positive"),
     ("refill-ms=0", "refill-ms must be positive"),
@@ -65,13 +65,43 @@ def test_bare_tap_and_defaults() -> None:
 ])
 def test_bad_net_specs(spec: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message) as info:
-        parse_net(spec)
+        parse_net(spec, 0)
     assert "\n" not in str(info.value) and str(info.value).startswith("--net")
+
+
+def test_queue_pairs_up_to_the_tap_limit() -> None:
+    assert parse_net(f"queues={MAX_QUEUES}", 0).queues == MAX_QUEUES
+    with pytest.raises(ConfigError, match=f"choose 1 to {MAX_QUEUES} queue pairs"):
+        parse_net(f"queues={MAX_QUEUES + 1}", 0)
+
+
+def test_mtu_up_to_the_tap_limit() -> None:
+    assert parse_net("mtu=65521", 0).mtu == 65521
+    with pytest.raises(ConfigError, match="mtu=65522: choose 68 to 65521"):
+        parse_net("mtu=65522", 0)
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("tap=a/b", "not an interface name"),
+    ("tap=averyveryverylongname", "not an interface name"),
+    ("mac=01:00:5e:00:00:01", "multicast"),
+    ("mac=02:00:00:00:00", "is not like"),
+    ("mac=00:00:00:00:00:00", "not a usable address"),
+    ("address=10.0.0.300/24", "is not like"),
+    ("bridge=a:b", "is not an interface name"),
+])
+def test_bad_net_values_are_refused_by_validation(spec: str, message: str) -> None:
+    """What the syntax accepts but cannot work is refused when the configuration is checked, naming the
+    interface."""
+    net = parse_net(spec, 0)
+    with pytest.raises(ConfigError, match=message) as info:
+        net.validate()
+    assert "\n" not in str(info.value) and str(info.value).startswith("network interface 'net0'")
 
 
 def test_vsock_spec(tmp_path: Path) -> None:
     config = parse_vsock(f"cid=42,uds={tmp_path}/v.sock")
-    assert config == VsockConfig(42, tmp_path / "v.sock")
+    assert config == Vsock(guest_cid=42, uds_path=str(tmp_path / "v.sock"))
     config.validate()
 
 
@@ -90,26 +120,39 @@ def test_bad_vsock_specs(spec: str, message: str) -> None:
 
 def test_vsock_path_checks(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
-        VsockConfig(3, tmp_path / "missing" / "v.sock").validate()
+        Vsock(guest_cid=3, uds_path=str(tmp_path / "missing" / "v.sock")).validate()
     with pytest.raises(ConfigError, match="too long"):
-        VsockConfig(3, tmp_path / ("x" * 120)).validate()
+        Vsock(guest_cid=3, uds_path=str(tmp_path / ("x" * 120))).validate()
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError, match="not a socket"):
-        VsockConfig(3, tmp_path / "file").validate()
+        Vsock(guest_cid=3, uds_path=str(tmp_path / "file")).validate()
 
 
-def test_taps_and_macs_must_not_repeat() -> None:
-    with pytest.raises(ConfigError, match="TAP tap1 is used by another --net"):
-        validate_network([NetConfig(tap="tap1"), NetConfig(tap="tap1")], None)
-    with pytest.raises(ConfigError, match="mac 02:00:00:00:00:01 is used by another --net"):
-        validate_network([NetConfig(mac="02:00:00:00:00:01"), NetConfig(mac="02:00:00:00:00:01")], None)
-    validate_network([NetConfig(), NetConfig()], None)  # two auto TAPs are fine
+def _config(tmp_path: Path, nets: list[NetworkInterface]) -> VmConfig:
+    kernel = tmp_path / "kernel"
+    kernel.write_bytes(b"")
+    return simple_config(kernel, network_interfaces=nets)
 
 
-def test_machine_config_checks_the_network() -> None:
-    config = MachineConfig(nets=[NetConfig(queues=99)])
-    with pytest.raises(ConfigError, match="queues=99"):
-        config.validate()
+def test_taps_and_macs_must_not_repeat(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="host_dev_name 'tap1' is used twice"):
+        _config(tmp_path, [NetworkInterface(iface_id="a", host_dev_name="tap1"),
+                           NetworkInterface(iface_id="b", host_dev_name="tap1")]).validate()
+    with pytest.raises(ConfigError, match="guest_mac '02:00:00:00:00:01' is used twice"):
+        _config(tmp_path, [NetworkInterface(iface_id="a", guest_mac="02:00:00:00:00:01"),
+                           NetworkInterface(iface_id="b", guest_mac="02:00:00:00:00:01")]).validate()
+    with pytest.raises(ConfigError, match="iface_id 'a' is used twice"):
+        _config(tmp_path, [NetworkInterface(iface_id="a"), NetworkInterface(iface_id="a")]).validate()
+    _config(tmp_path, [NetworkInterface(iface_id="a"), NetworkInterface(iface_id="b")]).validate()  # two auto TAPs
+
+
+def test_vm_config_checks_the_network(tmp_path: Path) -> None:
+    kernel = tmp_path / "kernel"
+    kernel.write_bytes(b"")
+    body = encode({"boot-source": {"kernel_image_path": str(kernel)},
+                   "network-interfaces": [{"iface_id": "net0", "host_dev_name": "auto", "queues": 99}]})
+    with pytest.raises(ConfigError, match="queues"):
+        decode(body, VmConfig, "config file").validate()
 
 
 def test_default_mac_is_locally_administered_unicast_and_stable() -> None:
@@ -118,7 +161,8 @@ def test_default_mac_is_locally_administered_unicast_and_stable() -> None:
     assert mac == default_mac("host/123/kvmlet0", 0)
     assert mac != default_mac("host/123/kvmlet0", 1) and mac != default_mac("host/123/kvmlet1", 0)
     assert parse_mac(format_mac(mac)) == mac
-    assert NetConfig(mac="02:aa:bb:cc:dd:ee").mac_bytes(0) == bytes.fromhex("02aabbccddee")
+    net = NetworkInterface(iface_id="net0", guest_mac="02:aa:bb:cc:dd:ee")
+    assert net.guest_mac is not None and parse_mac(net.guest_mac) == bytes.fromhex("02aabbccddee")
 
 
 def _kvmlet(*args: str, console: str = "none") -> subprocess.CompletedProcess[str]:
@@ -127,9 +171,9 @@ def _kvmlet(*args: str, console: str = "none") -> subprocess.CompletedProcess[st
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (("--net", "queues=0"), "kvmlet: --net 'queues=0': queues=0: choose 1 to 16 queue pairs"),
+    (("--net", "queues=0"), "kvmlet: --net 'queues=0': queues=0: choose 1 to "),
     (("--vsock", "cid=1,uds=/tmp/x"), "kvmlet: --vsock 'cid=1,uds=/tmp/x': cid=1: the guest's CID must be 3"),
-    (("--net", "tap=lo"), "kvmlet: --net tap=lo: interface lo exists and is not a TAP device"),
+    (("--net", "tap=lo"), "kvmlet: network interface 'net0': interface lo exists and is not a TAP device"),
 ])
 def test_cli_errors_are_one_line(args: tuple[str, ...], message: str) -> None:
     result = _kvmlet(*args)

@@ -13,14 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from kvmlet.config import MachineConfig
+from kvmlet.config import NetworkInterface
 from kvmlet.devices.legacy.console import BufferConsole
 from kvmlet.devices.virtio.net import VirtioNet
-from kvmlet.devices.virtio.net_options import NetConfig
+from kvmlet.machine import StopKind
 from kvmlet.memory import MiB
-from kvmlet.vm import Machine, StopKind
 from tests.support.netlab import PeerNetwork, peer_network, run
-from tests.support.vmrun import run_vm
+from tests.support.vmrun import built_machine, run_vm, vm_config
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/net/tun"),
                                 reason="TAP devices and network namespaces need root")
@@ -38,7 +37,8 @@ def test_guest_udp_echo_through_a_tap_and_bridge(guest_elf: Path, peer: PeerNetw
     cmdline = (f"console=ttyS0 kvmlet.test=virtio-net kvmlet.net_ip={peer.guest_ip} "
                f"kvmlet.net_peer={peer.peer_ip} kvmlet.net_port={peer.udp_port} kvmlet.net_queues={queues} "
                f"kvmlet.net_offload={int(offload)} kvmlet.timeout=20")
-    vm = run_vm(guest_elf, cmdline, nets=[NetConfig(tap="auto", queues=queues, offload=offload, bridge=peer.bridge)])
+    net = NetworkInterface(iface_id="net0", host_dev_name="auto", queues=queues, offload=offload, bridge=peer.bridge)
+    vm = run_vm(guest_elf, cmdline, nets=[net])
     assert vm.passed("virtio-net"), vm.output
     assert f"NET queues={queues} csum={int(offload)} guest_csum={int(offload)}" in vm.output
     assert vm.status.code == 0, vm.output
@@ -52,18 +52,15 @@ def test_guest_udp_echo_through_a_tap_and_bridge(guest_elf: Path, peer: PeerNetw
 def test_a_vanished_tap_is_link_down_for_the_guest_and_the_vm_runs_on(guest_elf: Path) -> None:
     cmdline = "console=ttyS0 kvmlet.test=virtio-net,serial kvmlet.timeout=5"
     console = BufferConsole()
-    config = MachineConfig(kernel=guest_elf, cmdline=cmdline, memory=64 * MiB, nets=[NetConfig(tap="auto")])
-    machine = Machine(config, console=console).build()
-    try:
-        assert machine.virtio is not None
-        [attached] = machine.virtio.devices
-        device = attached.device
+    config = vm_config(guest_elf, cmdline=cmdline, memory=64 * MiB,
+                       nets=[NetworkInterface(iface_id="net0", host_dev_name="auto")])
+    with built_machine(config, console=console) as machine:
+        assert machine.devices is not None
+        [device] = machine.devices.virtio_devices()
         assert isinstance(device, VirtioNet)
         run("ip", "link", "del", device.tap.name)
         machine.start()
         status = machine.wait(60)
-    finally:
-        machine.close()
     output = console.output().decode(errors="replace")
     assert "NET link=down" in output and "TEST virtio-net FAIL link down" in output, output
     assert "TEST serial PASS" in output  # the guest went on to its next check

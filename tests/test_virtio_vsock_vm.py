@@ -8,7 +8,7 @@ import socket
 import threading
 from pathlib import Path
 
-from kvmlet.devices.virtio.net_options import VsockConfig
+from kvmlet.config import Vsock
 from kvmlet.devices.virtio.vsock import VirtioVsock
 from tests.support.vmrun import run_vm
 
@@ -44,7 +44,7 @@ def test_guest_vsock_ping_pong_with_a_host_unix_socket(guest_elf: Path, tmp_path
     thread.start()
     try:
         run = run_vm(guest_elf, f"console=ttyS0 kvmlet.test=virtio-vsock kvmlet.vsock_port={port}",
-                     vsock=VsockConfig(cid=7, uds=uds))
+                     vsock=Vsock(guest_cid=7, uds_path=str(uds)))
     finally:
         server.close()
         thread.join(5)

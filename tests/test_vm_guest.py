@@ -11,7 +11,8 @@ import pytest
 
 from kvmlet.boot.e820 import E820Entry
 from kvmlet.devices.legacy.console import BufferConsole
-from kvmlet.vm import Machine, StopKind, VmState
+from kvmlet.eventloop import EventLoopThread
+from kvmlet.machine import Machine, StopKind, VmState
 from tests.conftest import RunGuest
 
 
@@ -141,23 +142,25 @@ def test_emulation_failure_in_ram_shows_the_instruction_bytes(run_guest: RunGues
 
 def test_a_guest_that_crashes_does_not_exit_0(tmp_path: Path) -> None:
     """ud2 with no IDT: #UD, #DF, triple fault. A crash must never read as success."""
-    from kvmlet.config import MachineConfig
     from tests.support.boot_images import Seg, make_elf
+    from tests.support.vmrun import built_machine, vm_config
 
     image = tmp_path / "crash.elf"
     image.write_bytes(make_elf([Seg(paddr=0x100000, data=b"\x0f\x0b")], entry=0x100000))
-    machine = Machine(MachineConfig(kernel=image, cmdline="", memory=32 << 20), console=BufferConsole()).build()
-    try:
+    with built_machine(vm_config(image, cmdline="", memory=32 << 20), console=BufferConsole()) as machine:
         status = machine.run(timeout=30)
-    finally:
-        machine.close()
     assert status.kind is StopKind.TRIPLE_FAULT
     assert status.code == 3 and "triple-faulted" in status.message
 
 
 def test_guest_status_above_255_is_not_success(guest_elf: Path) -> None:
-    from kvmlet.config import MachineConfig
+    from kvmlet.config import simple_config
 
-    machine = Machine(MachineConfig(kernel=guest_elf), console=BufferConsole())
-    machine._guest_exit(256)  # what a 16-bit write of 0x100 to port 0x501 reports
-    assert machine.exit_status is not None and machine.exit_status.code == 255
+    events = EventLoopThread()
+    machine = Machine(simple_config(guest_elf), events, console=BufferConsole())
+    try:
+        machine.guest_exit(256)  # what a 16-bit write of 0x100 to port 0x501 reports
+        assert machine.exit_status is not None and machine.exit_status.code == 255
+    finally:
+        machine.close()
+        events.stop()

@@ -174,7 +174,10 @@ class Vmm:
             self._pre_boot()
             logger.validate()
             if self.logger_sink is not None:
-                self.logger_sink(logger)
+                try:
+                    self.logger_sink(logger)
+                except OSError as exc:   # the log file cannot be opened: the old logger stays
+                    raise ConfigError(f"logger: log_path {logger.log_path}: {exc.strerror}") from None
             self._replace(logger=logger)
 
     def put_metrics(self, metrics: Metrics) -> None:
@@ -245,21 +248,33 @@ class Vmm:
 
     def send_ctrl_alt_del(self) -> None:
         with self._lock:
-            self._post_boot().send_ctrl_alt_del()
+            machine = self._post_boot()
+            if self.state is InstanceState.HALTED:   # the machine may still say running once its guest ended
+                raise StateError("cannot send Ctrl+Alt+Del to a VM that is halted")
+            machine.send_ctrl_alt_del()
 
     def flush_metrics(self) -> None:
         self._post_boot()
         if self.metrics_sink is None:
             raise ConfigError("Failed to flush metrics: the metrics system is not initialized (PUT /metrics).")
-        self.metrics_sink()
+        try:
+            self.metrics_sink()
+        except OSError as exc:
+            raise ConfigError(f"Failed to flush metrics: {exc.strerror}") from None
 
     def pause(self) -> None:
+        """PATCH /vm Paused; pausing a paused VM succeeds, as under Firecracker."""
         with self._lock:
-            self._post_boot().pause()
+            machine = self._post_boot()
+            if self.state is not InstanceState.PAUSED:
+                machine.pause()
 
     def resume(self) -> None:
+        """PATCH /vm Resumed; resuming a running VM succeeds, as under Firecracker."""
         with self._lock:
-            self._post_boot().resume()
+            machine = self._post_boot()
+            if self.state is not InstanceState.RUNNING:
+                machine.resume()
 
     def unsupported(self, what: str) -> None:
         raise UnsupportedError(what)

@@ -99,9 +99,11 @@ def serve(options: ServeOptions) -> int:
     vmm = Vmm(events, instance_id=options.instance_id, on_exit=vm_ended)
     writer = None
     server = None
+    bound: Path | None = None    # the socket path this process created (and removes at the end)
     try:
         if options.api_sock is not None:
             listener = bind_api_socket(options.api_sock)
+            bound = options.api_sock
             server = ApiServer(vmm, listener, max_payload=options.max_payload)
             events.start()
             events.run_coroutine(server.start()).result(10)
@@ -136,7 +138,7 @@ def serve(options: ServeOptions) -> int:
             vmm.config = msgspec.structs.replace(vmm.config, console=options.console)
     except KvmletError as exc:
         print(f"kvmlet: {exc}", file=sys.stderr)
-        _shutdown(vmm, server, events, options.api_sock)
+        _shutdown(vmm, server, events, bound)
         return 1
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda *_: done.set())
@@ -144,7 +146,7 @@ def serve(options: ServeOptions) -> int:
         pass
     if writer is not None:
         writer.close()
-    _shutdown(vmm, server, events, options.api_sock)
+    _shutdown(vmm, server, events, bound)
     return exit_code[0]
 
 

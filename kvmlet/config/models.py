@@ -26,7 +26,8 @@ MIN_MEM_SIZE_MIB = 16
 MAX_VCPUS_SUPPORTED = 254  # what the MP table's 8-bit APIC ids describe (kvmlet.boot.mptable.MAX_CPUS)
 DEFAULT_CMDLINE = "console=ttyS0 earlyprintk=serial,ttyS0 reboot=k panic=1"
 MAX_DRIVE_ID_BYTES = 20  # the virtio-blk GET_ID string
-MAX_QUEUE_PAIRS = 8      # kvmlet.net.tap.MAX_QUEUES
+MAX_QUEUE_PAIRS = 16     # kvmlet.net.tap.MAX_QUEUES
+MAX_TAP_MTU = 65521      # the largest MTU Linux lets a TAP have
 MAX_CID = 0xFFFFFFFE     # 0xFFFFFFFF is VMADDR_CID_ANY
 UNIX_PATH_MAX = 107      # sun_path without its NUL
 _MAC = re.compile(r"^([0-9a-f]{2})(:[0-9a-f]{2}){5}$", re.IGNORECASE)
@@ -51,6 +52,8 @@ class TokenBucketConfig(Model):
     one_time_burst: NonNegative = 0
 
     def validate(self, what: str) -> None:
+        if self.one_time_burst < 0:
+            raise ConfigError(f"{what}: the one-time burst cannot be negative")
         if self.size <= 0:
             raise ConfigError(f"{what}: the bucket size must be positive (got {self.size})")
         if self.refill_time <= 0:
@@ -188,13 +191,17 @@ class NetworkInterface(Model):
     # kvmlet extensions: queue pairs, TAP offloads, and the host side of the TAP
     queues: Annotated[int, msgspec.Meta(ge=1, le=MAX_QUEUE_PAIRS)] = 1
     offload: bool = True
-    mtu: Annotated[int, msgspec.Meta(ge=68, le=65535)] | None = None
+    mtu: Annotated[int, msgspec.Meta(ge=68, le=MAX_TAP_MTU)] | None = None
     address: str | None = None
     bridge: str | None = None
 
     def validate(self) -> None:
         label = f"network interface {self.iface_id!r}"
         check_id(self.iface_id, "iface_id")
+        if not 1 <= self.queues <= MAX_QUEUE_PAIRS:
+            raise ConfigError(f"{label}: queues {self.queues}: choose 1 to {MAX_QUEUE_PAIRS} queue pairs")
+        if self.mtu is not None and not 68 <= self.mtu <= MAX_TAP_MTU:
+            raise ConfigError(f"{label}: mtu {self.mtu}: choose 68 to {MAX_TAP_MTU}")
         if self.host_dev_name != AUTO_TAP and not valid_ifname(self.host_dev_name):
             raise ConfigError(f"{label}: host_dev_name {self.host_dev_name!r} is not an interface name "
                               "(1-15 characters, no '/', ':' or spaces) or auto")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from kvmlet.config.models import (
     AUTO_TAP,
+    MAX_QUEUE_PAIRS,
+    MAX_TAP_MTU,
     Drive,
     Entropy,
     NetworkInterface,
@@ -127,10 +129,10 @@ def parse_net(spec: str, number: int) -> NetworkInterface:
         bridge=values.get("bridge") or None,
         rx_rate_limiter=bucket_pair(option, values, ("rx-bps", "rx-pps")),
         tx_rate_limiter=bucket_pair(option, values, ("tx-bps", "tx-pps")))
-    if not 1 <= net.queues <= 8:
-        raise ConfigError(f"{option}: queues={net.queues}: choose 1 to 8 queue pairs")
-    if net.mtu is not None and not 68 <= net.mtu <= 65535:
-        raise ConfigError(f"{option}: mtu={net.mtu}: choose 68 to 65535")
+    if not 1 <= net.queues <= MAX_QUEUE_PAIRS:
+        raise ConfigError(f"{option}: queues={net.queues}: choose 1 to {MAX_QUEUE_PAIRS} queue pairs")
+    if net.mtu is not None and not 68 <= net.mtu <= MAX_TAP_MTU:
+        raise ConfigError(f"{option}: mtu={net.mtu}: choose 68 to {MAX_TAP_MTU}")
     return net
 
 

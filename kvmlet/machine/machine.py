@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from kvmlet.devices.legacy.serial import Serial8250
     from kvmlet.devices.manager import DeviceManager
     from kvmlet.eventloop import EventLoopThread
+    from kvmlet.kvm.stats import StatsReader
     from kvmlet.kvm.system import Kvm
     from kvmlet.kvm.vcpu import Vcpu
     from kvmlet.kvm.vm import Vm
@@ -58,6 +59,7 @@ class Machine:
         self._state_lock = threading.RLock()
         self.warnings: list[str] = []
         self.on_stop: list[Callable[[ExitStatus], None]] = []
+        self._stats_readers: dict[int, StatsReader] = {}
 
     @property
     def serial(self) -> Serial8250 | None:
@@ -143,10 +145,23 @@ class Machine:
             self.events.start()
             if self.console is not None and self.legacy is not None:
                 self.console.start(self.legacy.serial.enqueue_input, self.events)
+            self._open_stats()
             self.timeline.mark("start")
             self.state = VmState.RUNNING
             for thread in self.threads:
                 thread.start()
+
+    def _open_stats(self) -> None:
+        """Each vCPU's binary-stats fd, opened before its thread runs: KVM_GET_STATS_FD is a vCPU ioctl and
+        waits for the vCPU mutex, which KVM_RUN holds while the guest runs (or halts); reading an open
+        stats fd never waits."""
+        from kvmlet.kvm.errors import KvmError
+
+        for vcpu in self.vcpus:
+            try:
+                self._stats_readers[vcpu.id] = vcpu.stats()
+            except KvmError:
+                pass   # no binary stats on this host: kvmlet's own counters remain
 
     def run(self, timeout: float | None = None) -> ExitStatus:
         """start() then wait(); stops the VM when ``timeout`` passes."""
@@ -258,6 +273,9 @@ class Machine:
         if self.kvm is not None:
             attempt("closing /dev/kvm", self.kvm.close)
             self.kvm = None
+        for reader in self._stats_readers.values():
+            reader.close()
+        self._stats_readers = {}
         if not stuck:
             self.vcpus = []
         if problems:
@@ -275,7 +293,10 @@ class Machine:
         out: list[dict[str, object]] = []
         for vcpu, thread in zip(self.vcpus, self.threads, strict=True):
             kvm_stats: dict[str, int] = {}
-            if vcpu.fd >= 0:
+            reader = self._stats_readers.get(vcpu.id)
+            if reader is not None:
+                kvm_stats = reader.read()
+            elif vcpu.fd >= 0 and not thread.alive:   # never started: no KVM_RUN holds the vCPU
                 reader = vcpu.stats()
                 try:
                     kvm_stats = reader.read()

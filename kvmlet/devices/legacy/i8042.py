@@ -38,6 +38,7 @@ from enum import IntEnum, IntFlag
 
 from kvmlet.devices.irq import InterruptLine
 from kvmlet.devices.legacy.ports import PortClaim, all_ones
+from kvmlet.errors import KvmletError
 
 DATA_PORT = 0x60
 COMMAND_PORT = 0x64
@@ -161,7 +162,7 @@ def key_sequence(keys: tuple[Key, ...], scan_code_set: int) -> list[int]:
     return sequence
 
 
-class KeyboardInputError(RuntimeError):
+class KeyboardInputError(KvmletError, RuntimeError):
     """The keyboard could not send the keys; the message says why (nothing was sent)."""
 
 
