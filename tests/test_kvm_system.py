@@ -68,7 +68,13 @@ def test_vm_and_vcpu_state_round_trip() -> None:
             assert vcpu.get_mp_state() is MpState.RUNNABLE
             cpuid = kvm.supported_cpuid()
             vcpu.set_cpuid(cpuid)
-            assert {(e.function, e.index) for e in vcpu.get_cpuid()} == {(e.function, e.index) for e in cpuid}
+            # KVM keeps every leaf it was given except those of dynamically enabled XSAVE features the
+            # process has no permission for (ARCH_REQ_XCOMP_GUEST_PERM): on hosts with AMX it drops the
+            # tile leaves 0x1d and 0x1e and the AVX10 leaf 0x24; elsewhere nothing
+            given = {(e.function, e.index) for e in cpuid}
+            kept = {(e.function, e.index) for e in vcpu.get_cpuid()}
+            assert kept <= given
+            assert {function for function, _ in given - kept} <= {0x1D, 0x1E, 0x24}
             msrs = vcpu.get_msrs(kvm.msr_index_list())
             assert msrs
             stats = vcpu.stats()
