@@ -326,3 +326,20 @@ def test_firecracker_command_line(tmp_path: Path, guest_elf: Path) -> None:
                             capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr
     assert "TEST serial PASS" in result.stdout
+
+
+def test_the_api_answers_while_a_vcpu_spins(server: ApiServer, guest_elf: Path) -> None:
+    # about 10^12 iterations of `dec; jnz` at CPL3: minutes of a vCPU that never exits on its own
+    boot(server, guest_elf, "cpl3", "kvmlet.loops=1000000000000")
+    server.wait_console("kvmlet-guest")
+    deadline = time.monotonic() + 2.0
+    answered = 0
+    while time.monotonic() < deadline:
+        status, info = server.call("GET", "/", timeout=10)
+        assert status == 200 and info["state"] == "Running"
+        answered += 1
+    assert answered > 10
+    assert server.call("PATCH", "/vm", {"state": "Paused"}, timeout=10) == (204, None)
+    assert server.state() == "Paused"
+    assert server.call("PATCH", "/vm", {"state": "Resumed"}, timeout=10) == (204, None)
+    assert "CPL3 loops" not in server.console_text()   # still spinning

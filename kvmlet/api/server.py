@@ -82,18 +82,23 @@ class ApiServer:
         self.max_payload = max_payload
         self.workers = concurrent.futures.ThreadPoolExecutor(WORKERS, thread_name_prefix="kvmlet-api")
         self._server: asyncio.AbstractServer | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
         self.connections = 0
 
     async def start(self) -> None:
         self._server = await asyncio.start_unix_server(self._serve_connection, sock=self.listener)
 
     async def close(self) -> None:
+        """Stop listening and end every open connection (idle keep-alive ones too)."""
         if self._server is not None:
             self._server.close()
+        for writer in list(self._writers):
+            writer.close()
         self.workers.shutdown(wait=False, cancel_futures=True)
 
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self._writers.add(writer)
         connection = h11.Connection(h11.SERVER, max_incomplete_event_size=16384)
         try:
             while await self._serve_one(connection, reader, writer):
@@ -103,6 +108,7 @@ class ApiServer:
         except h11.RemoteProtocolError as exc:
             await self._send_error(connection, writer, exc.error_status_hint, f"Bad HTTP request: {exc}")
         finally:
+            self._writers.discard(writer)
             writer.close()
             try:
                 await writer.wait_closed()
