@@ -10,8 +10,8 @@ starts without it, which keeps cold start short.
 
 Watching and unwatching work from any thread. On the loop thread itself, or while no thread runs the
 loop (before ``start``, after ``stop``), the change is immediate; from another thread (a vCPU thread
-resetting a device, with the transport's lock held) it is queued to the loop and not waited for, so a device can never deadlock
-against a loop callback waiting for the same lock. A callback may therefore run once after its
+resetting a device, with the transport's lock held) it is queued to the loop and not waited for, so a
+device can never deadlock against a loop callback waiting for the same lock. A callback may therefore run once after its
 ``unwatch``, and must check that its owner is still live. A watched descriptor is closed with
 ``call_soon(close)`` after its unwatch, so its number cannot be reused (and watched) in between.
 """
