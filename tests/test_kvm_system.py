@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from kvmlet.devices.manager import GsiRouting
 from kvmlet.kvm import Cap, Kvm, KvmUnavailableError
 from kvmlet.kvm.constants import MpState
 from kvmlet.memory import GuestMemory, MiB
@@ -50,7 +51,7 @@ def test_vm_and_vcpu_state_round_trip() -> None:
             region = memory.regions[0]
             vm.set_user_memory_region(0, region.gpa, region.size, region.host_address, log_dirty=True)
             vm.create_irqchip()
-            vm.set_pc_irq_routing()
+            GsiRouting(vm).set_pc_routes()
             vm.create_pit2()
             vcpu = vm.create_vcpu(0)
             regs = vcpu.get_regs()

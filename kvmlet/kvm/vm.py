@@ -104,22 +104,6 @@ class Vm:
             entry.u.irqchip, entry.u.pin = chip, pin
         self._ioctl("KVM_SET_GSI_ROUTING", c.KVM_SET_GSI_ROUTING, table)
 
-    def set_pc_irq_routing(self, ioapic_pins: int = 24) -> None:
-        """PC routing: ISA IRQs to both PICs and the IOAPIC, IRQ 0 (the PIT) on IOAPIC pin 2.
-
-        This is what the MP table and the MADT's interrupt source override describe; KVM's default
-        table has GSI 0 on pin 0 instead.
-        """
-        routes: list[tuple[int, int, int]] = []
-        for gsi in range(16):
-            if gsi != 2:  # IRQ 2 is the PICs' cascade
-                chip = c.KVM_IRQCHIP_PIC_MASTER if gsi < 8 else c.KVM_IRQCHIP_PIC_SLAVE
-                routes.append((gsi, chip, gsi % 8))
-        for gsi in range(ioapic_pins):
-            if gsi != 2:
-                routes.append((gsi, c.KVM_IRQCHIP_IOAPIC, 2 if gsi == 0 else gsi))
-        self.set_gsi_routing(routes)
-
     def irq_line(self, irq: int, level: bool) -> None:
         """KVM_IRQ_LINE: set an interrupt line's level."""
         line = s.kvm_irq_level()

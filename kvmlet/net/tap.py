@@ -30,6 +30,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvmlet.config.models import MAX_QUEUE_PAIRS, valid_ifname
 from kvmlet.errors import KvmletError
 
 TUN_DEVICE = "/dev/net/tun"
@@ -37,7 +38,7 @@ VNET_HDR_SIZE = 12          # struct virtio_net_hdr_v1: flags, gso_type, hdr_len
 IFNAMSIZ = 16
 AUTO_NAME = "auto"
 AUTO_TEMPLATE = "kvmlet%d"
-MAX_QUEUES = 16             # kvmlet's limit (the kernel's is 256)
+MAX_QUEUES = MAX_QUEUE_PAIRS  # kvmlet's limit (the kernel's is 256)
 
 
 def _ioc(direction: int, number: int, size: int) -> int:
@@ -93,23 +94,6 @@ class TapSettings:
     address: str | None = None    # "10.0.0.1/24"
     bridge: str | None = None     # a bridge for the TAP to join
     up: bool = True
-
-    def validate(self, label: str) -> None:
-        if self.mtu is not None and not 68 <= self.mtu <= 65521:
-            raise TapError(f"{label}: mtu {self.mtu} is outside 68..65521")
-        if self.address is not None:
-            try:
-                ipaddress.ip_interface(self.address)
-            except ValueError:
-                raise TapError(f"{label}: address {self.address!r} is not like 10.0.0.1/24") from None
-        if self.bridge is not None and not valid_ifname(self.bridge):
-            raise TapError(f"{label}: bridge {self.bridge!r} is not an interface name")
-
-
-def valid_ifname(name: str) -> bool:
-    """Whether ``name`` can be a Linux interface name."""
-    return (0 < len(name.encode()) < IFNAMSIZ and name not in (".", "..")
-            and not any(ch in name for ch in "/ \t\n:") and name.isprintable())
 
 
 def _ifreq(name: str, flags: int) -> bytes:
