@@ -67,6 +67,9 @@ def test_configuration_round_trips_through_vm_config(server: ApiServer, guest_el
              ("PATCH", "/machine-config", {"mem_size_mib": 80}),
              ("PUT", "/drives/root", drive),
              ("PUT", "/entropy", {}),
+             ("PUT", "/network-interfaces/eth0", {"iface_id": "eth0", "host_dev_name": "auto", "queues": 2,
+                                                  "guest_mac": "02:00:00:00:00:01"}),
+             ("PUT", "/logger", {"log_path": str(tmp_path / "vm.log"), "level": "Debug", "show_level": True}),
              ("PUT", "/vsock", {"guest_cid": 3, "uds_path": str(tmp_path / "v.sock")}),
              ("PUT", "/cpu-config", {"cpuid_modifiers": [{"leaf": "0x1", "subleaf": "0x0", "flags": 0, "modifiers": [
                  {"register": "ecx", "bitmap": "0b" + "x" * 32}]}]})]
@@ -79,6 +82,9 @@ def test_configuration_round_trips_through_vm_config(server: ApiServer, guest_el
     assert config["drives"][0]["rate_limiter"]["bandwidth"]["size"] == 1 << 20
     assert config["entropy"] == {"rate_limiter": None}
     assert config["vsock"]["guest_cid"] == 3
+    assert config["network-interfaces"][0]["guest_mac"] == "02:00:00:00:00:01"
+    assert config["network-interfaces"][0]["queues"] == 2
+    assert config["logger"]["level"] == "Debug"
     assert config["cpu-config"]["cpuid_modifiers"][0]["leaf"] == "0x1"
     assert server.call("GET", "/machine-config")[1]["mem_size_mib"] == 80
     # the same drive id replaces the drive; a second root device is refused
@@ -222,6 +228,16 @@ def test_boot_pause_resume_and_ctrl_alt_del(server: ApiServer, guest_elf: Path, 
     status, reply = server.call("PUT", "/boot-source", guest_boot_source(guest_elf, "serial"))
     assert status == 400
     assert reply["fault_message"] == "The requested operation is not supported after starting the microVM."
+    for target, body in (("/machine-config", MACHINE), ("/drives/d", {"drive_id": "d", "path_on_host": "/dev/null",
+                                                                     "is_root_device": False}),
+                         ("/network-interfaces/n", {"iface_id": "n", "host_dev_name": "auto"}),
+                         ("/vsock", {"guest_cid": 3, "uds_path": str(tmp_path / "v.sock")}), ("/entropy", {}),
+                         ("/logger", {"level": "Debug"}), ("/metrics", {"metrics_path": str(metrics)}),
+                         ("/cpu-config", {}), ("/actions", {"action_type": "InstanceStart"})):
+        status, reply = server.call("PUT", target, body)
+        assert status == 400, target
+        assert reply["fault_message"] == "The requested operation is not supported after starting the microVM."
+    assert server.call("PATCH", "/machine-config", {"vcpu_count": 2})[0] == 400
     assert server.call("PATCH", "/vm", {"state": "Paused"}) == (204, None)
     assert server.state() == "Paused"
     assert server.call("PATCH", "/vm", {"state": "Paused"}) == (204, None)    # idempotent, as Firecracker

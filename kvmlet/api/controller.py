@@ -9,7 +9,9 @@ the API keeps answering while a VM is built, paused or busy.
 from __future__ import annotations
 
 import enum
+import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
     from kvmlet.eventloop import EventLoopThread
     from kvmlet.machine import ExitStatus, Machine
 
+log = logging.getLogger("kvmlet.api")
 NOT_SUPPORTED_AFTER_BOOT = "The requested operation is not supported after starting the microVM."
 NOT_SUPPORTED_BEFORE_BOOT = "The requested operation is not supported before starting the microVM."
 
@@ -75,6 +78,7 @@ class Vmm:
         self._lock = threading.RLock()
         self._on_exit = on_exit
         self._starting = False
+        self.boot_timer = False       # log the time from InstanceStart to the guest's first console byte
         self.startup_us = 0                                     # process start to API ready
         self.metrics_hook: Callable[[Metrics], None] | None = None  # starts the metrics writer
         self.metrics_sink: Callable[[], None] | None = None     # FlushMetrics, set by the metrics writer
@@ -229,8 +233,13 @@ class Vmm:
                 raise ConfigError("Cannot start microvm without kernel configuration.")
             self._starting = True
             try:
+                started = time.perf_counter()
                 machine = build_machine(self.config, self.events)
                 machine.on_stop.append(self._machine_stopped)
+                if self.boot_timer:
+                    machine.on_first_byte.append(lambda: log.info(
+                        "Guest-boot-time = %d us (InstanceStart to the first console byte)",
+                        (time.perf_counter() - started) * 1e6))
                 try:
                     machine.start()
                 except BaseException:

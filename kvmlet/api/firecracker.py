@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                            instance_id=args.id, log_path=args.log_path, level=args.level,
                            show_level=args.show_level, show_log_origin=args.show_log_origin,
                            metrics_path=args.metrics_path, max_payload=args.http_api_max_payload_size,
-                           exit_with_vm=True, started_at=started)
+                           exit_with_vm=True, boot_timer=args.boot_timer, started_at=started)
     return serve(options)
 
 

@@ -34,6 +34,7 @@ class ServeOptions:
     max_payload: int = 51200
     exit_with_vm: bool = False
     console: str | None = None
+    boot_timer: bool = False
     started_at: float | None = None
 
 
@@ -97,6 +98,7 @@ def serve(options: ServeOptions) -> int:
 
     events = EventLoopThread("kvmlet-api-events")
     vmm = Vmm(events, instance_id=options.instance_id, on_exit=vm_ended)
+    vmm.boot_timer = options.boot_timer
     writer = None
     server = None
     bound: Path | None = None    # the socket path this process created (and removes at the end)

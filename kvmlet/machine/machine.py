@@ -59,6 +59,7 @@ class Machine:
         self._state_lock = threading.RLock()
         self.warnings: list[str] = []
         self.on_stop: list[Callable[[ExitStatus], None]] = []
+        self.on_first_byte: list[Callable[[], None]] = []   # called once, on the vCPU thread
         self._stats_readers: dict[int, StatsReader] = {}
 
     @property
@@ -68,6 +69,8 @@ class Machine:
     # -- guest events (vCPU threads) ----------------------------------------------------------------
     def first_byte(self) -> None:
         self.timeline.mark("first-console-byte")
+        for callback in self.on_first_byte:
+            callback()
 
     def _set_exit(self, status: ExitStatus) -> None:
         with self._lock:
