@@ -25,16 +25,17 @@ import msgspec
 import pytest
 import requests
 import schemathesis
-import urllib3
 from hypothesis import HealthCheck, settings
 from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection
+from urllib3.connectionpool import HTTPConnectionPool
 
-from kvmlet.api.routes import OPENAPI_PATH, ROUTES, Action, VmStateChange
+from kvmlet.api.routes import APP_NAME, OPENAPI_PATH, ROUTES, VMM_VERSION, Action, VmStateChange
 from kvmlet.config import models
 
 REPO = Path(__file__).resolve().parent.parent
 BASE_URL = "http://kvmlet.sock"
-MAX_EXAMPLES = int(os.environ.get("KVMLET_SCHEMA_EXAMPLES", "30"))   # per operation and server state
+MAX_EXAMPLES = int(os.environ.get("KVMLET_SCHEMA_EXAMPLES", "50"))   # per operation and server state
 
 CONFIG = schemathesis.Config.from_dict({
     "checks": {
@@ -76,7 +77,7 @@ GUEST_ARGS = "console=ttyS0 kvmlet.test=ctrlaltdel kvmlet.timeout=0"   # the gue
 
 
 # -- requests over a Unix socket ---------------------------------------------------------------------
-class _UnixConnection(urllib3.connection.HTTPConnection):
+class _UnixConnection(HTTPConnection):
     def __init__(self, socket_path: str, **kwargs: Any) -> None:
         super().__init__("localhost", **kwargs)
         self.socket_path = socket_path
@@ -89,7 +90,7 @@ class _UnixConnection(urllib3.connection.HTTPConnection):
         return sock
 
 
-class _UnixConnectionPool(urllib3.HTTPConnectionPool):
+class _UnixConnectionPool(HTTPConnectionPool):
     def __init__(self, socket_path: str, **kwargs: Any) -> None:
         super().__init__("localhost", **kwargs)
         self.socket_path = socket_path
@@ -155,9 +156,6 @@ class Server:
         self.stop()
         raise TimeoutError(f"{self.socket} did not answer within {timeout} s")
 
-    def call(self, method: str, target: str, body: Any = None) -> requests.Response:
-        return self.session.request(method, BASE_URL + target, json=body, timeout=30)
-
     def stop(self) -> None:
         self.session.close()
         if self.process.poll() is None:
@@ -169,12 +167,10 @@ class Server:
                 self.process.wait(5)
 
 
-
-
 def checked(server: Server, method: str, path: str, body: Any = None, **path_parameters: str) -> Any:
     """One request, its answer checked against the document (status, content type, body)."""
-    case = SCHEMA[path][method].Case(body=body, path_parameters=path_parameters or None) \
-        if body is not None else SCHEMA[path][method].Case(path_parameters=path_parameters or None)
+    payload = {"body": body} if body is not None else {}
+    case = SCHEMA[path][method].Case(path_parameters=path_parameters or None, **payload)
     return case.call_and_validate(base_url=BASE_URL, session=server.session)
 
 
@@ -205,6 +201,8 @@ def boot_guest(server: Server, kernel: Path, drive: Path) -> None:
 def test_document_is_valid_openapi() -> None:
     assert DOCUMENT["openapi"] == "3.0.3"
     SCHEMA.validate()   # against the OpenAPI 3.0 meta-schema
+    assert DOCUMENT["info"]["version"] == VMM_VERSION
+    assert DOCUMENT["components"]["schemas"]["InstanceInfo"]["properties"]["app_name"]["enum"] == [APP_NAME]
 
 
 def _route_path(prefix: str) -> str:
@@ -356,17 +354,40 @@ def test_a_full_configuration_is_reported_as_documented(tmp_path: Path) -> None:
         assert config["network-interfaces"][0]["tx_rate_limiter"]["ops"] == bucket
         assert config["logger"]["level"] == "debug" and config["cpu-config"]["msr_modifiers"][0]["addr"] == "0x10a"
         assert checked(server, "GET", "/machine-config").json()["track_dirty_pages"] is True
-        # refused calls answer 400 with the documented error body, before and after all this
-        for method, path, body, params in (
+        # refused calls answer 400 with the documented error body
+        refused: tuple[tuple[str, str, Any, dict[str, str]], ...] = (
                 ("PUT", "/metrics", {"metrics_path": str(tmp_path / "again.json")}, {}),
                 ("PATCH", "/drives/{drive_id}", {"drive_id": "data"}, {"drive_id": "data"}),
                 ("PUT", "/drives/{drive_id}", {"drive_id": "other", "path_on_host": str(tmp_path / "disk.img"),
                                                "is_root_device": True}, {"drive_id": "other"}),
                 ("PUT", "/actions", {"action_type": "SendCtrlAltDel"}, {}),
                 ("PUT", "/snapshot/create", {"snapshot_path": "s", "mem_file_path": "m"}, {}),
-                ("GET", "/mmds", None, {})):
+                ("GET", "/mmds", None, {}))
+        for method, path, body, params in refused:
             response = checked(server, method, path, body, **params)
             assert response.status_code == 400 and response.json()["fault_message"], (method, path)
+    finally:
+        server.stop()
+
+
+def test_nul_characters_and_unopenable_log_files_are_refused(tmp_path: Path) -> None:
+    """Strings reach OS calls (paths, interface names) that fail with ValueError on a NUL: a 400, not a 500."""
+    server = Server(tmp_path)
+    try:
+        for (method, path), name in BODIES.items():
+            schema = DOCUMENT["components"]["schemas"][name]
+            example = DOCUMENT["paths"][path][method.lower()]["requestBody"]["content"]["application/json"]["example"]
+            ids = {key: example[key] for key in ("drive_id", "iface_id") if key in example}
+            for field, prop in schema["properties"].items():
+                if prop.get("type") != "string" or "enum" in prop:
+                    continue
+                body = {**example, field: "a\0b"}
+                params = {field: "a"} if field in ids else ids   # a NUL is refused before the ids are compared
+                response = checked(server, method, path, body, **params)
+                assert response.status_code == 400, (method, path, field)
+                assert "NUL" in response.json()["fault_message"], (method, path, field)
+        response = checked(server, "PUT", "/logger", {"log_path": "/proc/kvmlet-cannot-create-this"})
+        assert response.status_code == 400 and "log_path" in response.json()["fault_message"]
     finally:
         server.stop()
 
@@ -390,7 +411,8 @@ def test_a_vm_life_is_reported_as_documented(tmp_path: Path) -> None:
         assert "kvmlet_vcpu_" in checked(server, "GET", "/metrics").text
         assert checked(server, "GET", "/vm/config").json()["drives"][0]["rate_limiter"]["ops"]["size"] == 100
         deadline = time.monotonic() + 30
-        while "ctrlaltdel: waiting" not in (tmp_path / "console.log").read_text(errors="replace"):
+        console = tmp_path / "console.log"
+        while not console.exists() or "ctrlaltdel: waiting" not in console.read_text(errors="replace"):
             assert time.monotonic() < deadline, "the guest did not get ready for Ctrl+Alt+Del"
             time.sleep(0.02)
         assert checked(server, "PUT", "/actions", {"action_type": "SendCtrlAltDel"}).status_code == 204
@@ -429,7 +451,7 @@ def api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 
 
 @SCHEMA.hook
-def map_case(context: schemathesis.HookContext, case: schemathesis.Case) -> schemathesis.Case:
+def map_case(context: schemathesis.HookContext, case: schemathesis.Case[Any]) -> schemathesis.Case[Any]:
     """In a valid request the body's id is the path's (else every drive and interface call is a mismatch)."""
     if case.meta is not None and case.meta.generation.mode is not schemathesis.GenerationMode.POSITIVE:
         return case
@@ -442,5 +464,5 @@ def map_case(context: schemathesis.HookContext, case: schemathesis.Case) -> sche
 
 @SCHEMA.parametrize()
 @settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
-def test_generated_requests_get_documented_answers(case: schemathesis.Case, api: Server) -> None:
+def test_generated_requests_get_documented_answers(case: schemathesis.Case[Any], api: Server) -> None:
     case.call_and_validate(base_url=BASE_URL, session=api.session)
