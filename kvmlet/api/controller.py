@@ -257,10 +257,7 @@ class Vmm:
 
     def send_ctrl_alt_del(self) -> None:
         with self._lock:
-            machine = self._post_boot()
-            if self.state is InstanceState.HALTED:   # the machine may still say running once its guest ended
-                raise StateError("cannot send Ctrl+Alt+Del to a VM that is halted")
-            machine.send_ctrl_alt_del()
+            self._post_boot().send_ctrl_alt_del()
 
     def flush_metrics(self) -> None:
         self._post_boot()

@@ -11,12 +11,11 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
-from kvmlet.config import decode as decode_json
-from kvmlet.config import to_builtins
+from kvmlet.config import decode, to_builtins
 from kvmlet.config.models import (
     BootSource,
     CpuConfig,
@@ -38,7 +37,6 @@ if TYPE_CHECKING:
 
 Response = tuple[int, Any]
 Handler = Callable[["Vmm", bytes, str], Response]
-T = TypeVar("T")
 OPENAPI_PATH = Path(__file__).with_name("openapi.json")
 VMM_VERSION = "1.10.0"   # the Firecracker API version whose behaviour kvmlet follows
 APP_NAME = "kvmlet"
@@ -58,33 +56,6 @@ class Route:
     prefix: str          # a path, or a prefix ending in "/" for "/drives/{id}"
     handler: Handler
     mutating: bool       # runs on a worker thread under the VMM's lock (GETs answer on the loop)
-
-
-def decode(body: bytes, model: type[T]) -> T:
-    """The body as ``model``; a string holding a NUL character is refused too (no path, name or command
-    line can hold one, and the OS calls made with them would fail with ValueError, not a 400)."""
-    value = decode_json(body, model)
-    where = _nul_in(to_builtins(value))
-    if where is not None:
-        raise ConfigError(f"body: {where}: a NUL character is not allowed")
-    return value
-
-
-def _nul_in(value: object, where: str = "") -> str | None:
-    """Where in ``value`` (decoded JSON) a string or a key holds a NUL character, or None."""
-    if isinstance(value, str):
-        return where if "\0" in value else None
-    if isinstance(value, dict):
-        children = [(f"{where}.{key}".lstrip("."), str(key), item) for key, item in value.items()]
-    elif isinstance(value, list):
-        children = [(f"{where}[{index}]", "", item) for index, item in enumerate(value)]
-    else:
-        return None
-    for place, key, item in children:
-        found = place if "\0" in key else _nul_in(item, place)
-        if found is not None:
-            return found
-    return None
 
 
 def _no_content(action: Callable[[], None]) -> Response:

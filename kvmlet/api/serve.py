@@ -8,6 +8,7 @@ SIGTERM or SIGINT, and, with ``exit_with_vm`` (Firecracker's behaviour), when th
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -56,9 +57,33 @@ class LogFormatter(logging.Formatter):
         return f"{stamp}.{nanos:09d} [{':'.join(tags)}] {record.getMessage()}"
 
 
+class LogFileHandler(logging.Handler):
+    """Log lines to a file or a FIFO opened read-write and non-blocking, as Firecracker opens its log: a
+    FIFO nobody reads never blocks kvmlet; lines that do not fit are dropped and counted."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+        self.missed = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            os.write(self.fd, (self.format(record) + "\n").encode())
+        except BlockingIOError:
+            self.missed += 1
+        except OSError:
+            self.missed += 1
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        super().close()
+
+
 def configure_logging(instance_id: str, path: str | None, level: str, show_level: bool, show_origin: bool) -> None:
     """kvmlet's log to ``path`` (stderr without one), leveled, in Firecracker's format."""
-    handler: logging.Handler = logging.FileHandler(path) if path else logging.StreamHandler(sys.stderr)
+    handler: logging.Handler = LogFileHandler(path) if path else logging.StreamHandler(sys.stderr)
     handler.setFormatter(LogFormatter(instance_id, show_level, show_origin))
     root = logging.getLogger("kvmlet")
     for old in list(root.handlers):

@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import stat
+from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -195,7 +196,8 @@ class ApiServer:
         if connection.their_state is not h11.DONE:
             headers.append(("Connection", "close"))
         try:
-            writer.write(connection.send(h11.Response(status_code=status, headers=headers)))
+            writer.write(connection.send(h11.Response(status_code=status, headers=headers,
+                                                      reason=HTTPStatus(status).phrase)))
             if data:
                 writer.write(connection.send(h11.Data(data=data)))
             writer.write(connection.send(h11.EndOfMessage()))

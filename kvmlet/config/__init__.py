@@ -44,13 +44,35 @@ T = TypeVar("T")
 
 
 def decode(data: bytes | str, model: type[T], what: str = "body") -> T:
-    """JSON -> ``model``; a ConfigError that names the field for a wrong type or an unknown field."""
+    """JSON -> ``model``; a ConfigError that names the field for a wrong type, an unknown field, or a
+    string holding a NUL character (no path, name or command line can hold one)."""
     try:
-        return msgspec.json.decode(data, type=model)
+        value = msgspec.json.decode(data, type=model)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{what}: {_describe(str(exc))}") from None
     except msgspec.DecodeError as exc:
         raise ConfigError(f"{what} is not valid JSON: {exc}") from None
+    where = _nul_in(msgspec.to_builtins(value))
+    if where is not None:
+        raise ConfigError(f"{what}: {where}: a NUL character is not allowed")
+    return value
+
+
+def _nul_in(value: object, where: str = "") -> str | None:
+    """Where in ``value`` (decoded JSON) a string or a key holds a NUL character, or None."""
+    if isinstance(value, str):
+        return where if "\0" in value else None
+    if isinstance(value, dict):
+        children = [(f"{where}.{key}".lstrip("."), str(key), item) for key, item in value.items()]
+    elif isinstance(value, list):
+        children = [(f"{where}[{index}]", "", item) for index, item in enumerate(value)]
+    else:
+        return None
+    for place, key, item in children:
+        found = place if "\0" in key else _nul_in(item, place)
+        if found is not None:
+            return found
+    return None
 
 
 def _describe(message: str) -> str:

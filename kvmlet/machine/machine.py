@@ -237,7 +237,7 @@ class Machine:
 
     def send_ctrl_alt_del(self) -> None:
         """Press and release Ctrl+Alt+Del on the i8042 keyboard (Firecracker's SendCtrlAltDel)."""
-        if self.state is not VmState.RUNNING or self.legacy is None:
+        if self.state is not VmState.RUNNING or self.exited or self.legacy is None:
             raise StateError(f"cannot send Ctrl+Alt+Del to a VM that is {self._state_name()}")
         self.legacy.i8042.send_ctrl_alt_del()
 
