@@ -19,24 +19,11 @@ from kvmlet.devices.bus import Bus
 from kvmlet.kvm import constants as c
 from kvmlet.kvm import structs as s
 from kvmlet.kvm.vcpu import Vcpu
-
-KICK_SIGNAL = signal.SIGUSR2
+from kvmlet.vcpu_kick import KICK_SIGNAL
 
 _EXIT_IO = struct.Struct("<I20xBBHIQ")  # exit_reason at 8, then the io exit at 32: one unpack per exit
 _MMIO = struct.Struct("<QQIB")  # phys_addr, data (u8[8] read as one little-endian u64), len, is_write
 _MASKS = tuple((1 << (8 * size)) - 1 for size in range(9))  # by access size in bytes
-
-
-def install_kick_handler() -> None:
-    """Make the kick signal interrupt KVM_RUN without killing the process (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, signal.SIG_IGN, None):
-            raise RuntimeError(f"the first kvmlet VM in a process must be built on the main thread: it installs "
-                               f"the {KICK_SIGNAL.name} handler that stops vCPUs")
-        return
-    if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, signal.SIG_IGN, None):
-        signal.signal(KICK_SIGNAL, lambda signum, frame: None)
-    signal.siginterrupt(KICK_SIGNAL, True)
 
 
 @dataclass

@@ -87,11 +87,11 @@ class Vmm:
     # -- state --------------------------------------------------------------------------------------
     @property
     def state(self) -> InstanceState:
-        from kvmlet.machine import VmState
-
         machine = self.machine
         if machine is None:
             return InstanceState.NOT_STARTED
+        from kvmlet.machine import VmState
+
         if machine.exited or machine.state is VmState.STOPPED:
             return InstanceState.HALTED
         return InstanceState.PAUSED if machine.state is VmState.PAUSED else InstanceState.RUNNING

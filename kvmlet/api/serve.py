@@ -103,7 +103,7 @@ def serve(options: ServeOptions) -> int:
     from kvmlet.api.server import ApiServer, bind_api_socket
     from kvmlet.config import Metrics, load_config_file
     from kvmlet.eventloop import EventLoopThread
-    from kvmlet.vcpu_runner import install_kick_handler
+    from kvmlet.vcpu_kick import install_kick_handler
 
     install_kick_handler()   # on the main thread, before any VM is built from an API worker thread
     configure_logging(options.instance_id, options.log_path, options.level, options.show_level,
@@ -138,6 +138,7 @@ def serve(options: ServeOptions) -> int:
         else:
             events.start()
         vmm.startup_us = int((time.perf_counter() - started) * 1e6)
+        threading.Thread(target=_preload, name="kvmlet-preload", daemon=True).start()
         from kvmlet.api.metrics import MetricsWriter
 
         def start_metrics(metrics: Metrics) -> None:
@@ -175,6 +176,12 @@ def serve(options: ServeOptions) -> int:
         writer.close()
     _shutdown(vmm, server, events, bound)
     return exit_code[0]
+
+
+def _preload() -> None:
+    from kvmlet.machine.builder import preload
+
+    preload()
 
 
 def _shutdown(vmm: object, server: object, events: object, api_sock: Path | None) -> None:

@@ -31,6 +31,24 @@ PVM_LINUX_WARNING = (
     "Boot a PVM guest kernel, or use a VMX/SVM host")
 
 
+def preload() -> None:
+    """Import what building a machine needs (a server does this while it waits for its first VM, so that
+    InstanceStart does not pay for the imports)."""
+    import kvmlet.boot.loader
+    import kvmlet.cpu.setup
+    import kvmlet.devices.factory
+    import kvmlet.devices.legacy.console
+    import kvmlet.devices.legacy.debug_exit
+    import kvmlet.devices.legacy.i8042
+    import kvmlet.devices.legacy.post_code
+    import kvmlet.devices.legacy.serial
+    import kvmlet.devices.manager
+    import kvmlet.host.virt
+    import kvmlet.kvm.system
+    import kvmlet.memory
+    import kvmlet.vcpu_runner  # noqa: F401
+
+
 def build_machine(config: VmConfig, events: EventLoopThread, *, console: Console | None = None,
                   kernel_image: bytes | None = None) -> Machine:
     """A machine ready to ``start()``; on failure everything created so far is released."""
@@ -54,7 +72,7 @@ def build_machine(config: VmConfig, events: EventLoopThread, *, console: Console
 def open_kvm(machine: Machine) -> None:
     """Open /dev/kvm, require what kvmlet needs, check the configuration against this host."""
     from kvmlet.kvm.system import Kvm
-    from kvmlet.vcpu_runner import install_kick_handler
+    from kvmlet.vcpu_kick import install_kick_handler
 
     install_kick_handler()
     machine.kvm = kvm = Kvm()
