@@ -6,7 +6,8 @@ socket: each VMM's control socket answering, a fresh process per run, alternatin
 polled with ``connect()`` every 0.25 ms until one succeeds. Then, kvmlet only: in a running server
 configured through the API (``PUT /boot-source``, ``PUT /machine-config``: the test guest, 1 vCPU, 64 MiB,
 console on a FIFO this process reads), from sending ``PUT /actions`` InstanceStart to the arrival of the
-guest's first console byte. The HTTP client is a few lines of HTTP/1.1 over the socket (standard library).
+guest's first console byte, after the server has been up for ``SETTLE_SECONDS``. The HTTP client is a
+few lines of HTTP/1.1 over the socket (standard library).
 """
 
 from __future__ import annotations
@@ -97,6 +98,9 @@ class HttpClient:
         if expect is not None and status != expect:
             raise BenchError(f"{self.side}: {method} {path} answered {status}, expected {expect}: {payload!r}")
         return payload
+
+
+SETTLE_SECONDS = 0.5
 
 
 def _failure(vmm: ConsoleProcess, what: str) -> BenchError:
@@ -222,6 +226,9 @@ def start_run(ctx: Context, launch: Launch, api_sock: Path, fifo: Path, timeout:
 
 def _instance_start(ctx: Context, api: HttpClient, console: int, vmm: ConsoleProcess, timeout: float) -> StartRun:
     check_instance_info(api.request("GET", "/", expect=200), api.side)
+    # a running server: let it finish what it does after its socket answers (it imports the machine-building
+    # code on a thread then), as a server does that waits for an orchestrator's first VM
+    time.sleep(SETTLE_SECONDS)
     round_trips = []
     for _ in range(GET_ROUND_TRIPS):
         before = time.perf_counter()
