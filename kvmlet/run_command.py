@@ -203,6 +203,8 @@ def run_main(args: argparse.Namespace) -> int:
         if machine.threads and machine.threads[0].first_run_at is not None:
             marks["first-run"] = machine.threads[0].first_run_at
         _print_boot_timer(marks, *_process_start_perf())
+    if status.warning is not None:
+        print(f"kvmlet: warning: {status.warning}", file=sys.stderr)
     if status.kind.value not in ("guest-exit",):
         serial = machine.serial
         unfinished_line = serial is not None and serial.last_byte_out not in (None, 0x0A)

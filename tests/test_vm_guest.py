@@ -161,6 +161,7 @@ def test_guest_status_above_255_is_not_success(guest_elf: Path) -> None:
     try:
         machine.guest_exit(256)  # what a 16-bit write of 0x100 to port 0x501 reports
         assert machine.exit_status is not None and machine.exit_status.code == 255
+        assert machine.exit_status.warning is not None and "256" in machine.exit_status.warning
     finally:
         machine.close()
         events.stop()

@@ -83,8 +83,9 @@ class Machine:
 
     def guest_exit(self, status: int) -> None:
         if status > 255:  # a process exit status has 8 bits: never let 256 read as success
-            self._set_exit(ExitStatus(StopKind.GUEST_EXIT, f"guest exited with status {status} "
-                                      "(more than 255: reported as 255)", 255))
+            self._set_exit(ExitStatus(StopKind.GUEST_EXIT, f"guest exited with status {status}", 255,
+                                      warning=f"the guest's exit status {status} is more than 255: "
+                                              "exiting with 255"))
         else:
             self._set_exit(ExitStatus(StopKind.GUEST_EXIT, f"guest exited with status {status}", status))
         self._stop_vcpus_async()

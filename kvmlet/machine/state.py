@@ -35,6 +35,7 @@ class ExitStatus:
     kind: StopKind
     message: str
     code: int
+    warning: str | None = None   # something the user should hear even when the guest ended normally
 
 
 @dataclass
