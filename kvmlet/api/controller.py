@@ -252,8 +252,21 @@ class Vmm:
             self.machine = machine
 
     def _machine_stopped(self, status: ExitStatus) -> None:
+        """The guest (or the VMM) ended the VM; called on the thread that ended it, often a vCPU's."""
+        threading.Thread(target=self._reap, name="kvmlet-reap", daemon=True).start()
         if self._on_exit is not None:
             self._on_exit(status)
+
+    def _reap(self) -> None:
+        """Join the ended VM's vCPU threads (its devices stay readable for GET /vm/config and metrics)."""
+        with self._lock:
+            machine = self.machine
+            if machine is None:
+                return
+            try:
+                machine.stop()
+            except KvmletError as exc:
+                log.warning("stopping the ended VM: %s", exc)
 
     def send_ctrl_alt_del(self) -> None:
         with self._lock:
