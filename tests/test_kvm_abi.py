@@ -16,7 +16,7 @@ STRUCTS = ["kvm_regs", "kvm_segment", "kvm_dtable", "kvm_sregs", "kvm_fpu", "kvm
            "kvm_lapic_state", "kvm_msr_entry", "kvm_cpuid_entry2", "kvm_mp_state", "kvm_vcpu_events",
            "kvm_userspace_memory_region", "kvm_irqfd", "kvm_ioeventfd", "kvm_msi", "kvm_irq_level",
            "kvm_clock_data", "kvm_pit_config", "kvm_dirty_log", "kvm_enable_cap", "kvm_translation",
-           "kvm_stats_header", "kvm_irq_routing_entry"]
+           "kvm_stats_header", "kvm_irq_routing_entry", "kvm_irqchip", "kvm_pit_state2", "kvm_debugregs"]
 HEADER_ONLY = {"kvm_msrs_header": "kvm_msrs", "kvm_cpuid2_header": "kvm_cpuid2",
                "kvm_irq_routing_header": "kvm_irq_routing"}
 IOCTLS = ["KVM_GET_API_VERSION", "KVM_CREATE_VM", "KVM_GET_MSR_INDEX_LIST", "KVM_CHECK_EXTENSION",
@@ -29,7 +29,9 @@ IOCTLS = ["KVM_GET_API_VERSION", "KVM_CREATE_VM", "KVM_GET_MSR_INDEX_LIST", "KVM
           "KVM_SET_SREGS", "KVM_TRANSLATE", "KVM_GET_MSRS", "KVM_SET_MSRS", "KVM_GET_FPU", "KVM_SET_FPU",
           "KVM_GET_LAPIC", "KVM_SET_LAPIC", "KVM_SET_CPUID2", "KVM_GET_CPUID2", "KVM_GET_MP_STATE",
           "KVM_SET_MP_STATE", "KVM_NMI", "KVM_GET_VCPU_EVENTS", "KVM_SET_VCPU_EVENTS", "KVM_GET_XSAVE",
-          "KVM_SET_XSAVE", "KVM_GET_XCRS", "KVM_SET_XCRS", "KVM_GET_TSC_KHZ", "KVM_GET_XSAVE2"]
+          "KVM_SET_XSAVE", "KVM_GET_XCRS", "KVM_SET_XCRS", "KVM_GET_TSC_KHZ", "KVM_GET_XSAVE2",
+          "KVM_GET_IRQCHIP", "KVM_SET_IRQCHIP", "KVM_GET_PIT2", "KVM_SET_PIT2", "KVM_GET_DEBUGREGS",
+          "KVM_SET_DEBUGREGS", "KVM_SET_TSC_KHZ"]
 
 
 @pytest.fixture(scope="module")

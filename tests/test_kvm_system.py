@@ -6,6 +6,7 @@ import pytest
 
 from kvmlet.devices.manager import GsiRouting
 from kvmlet.kvm import Cap, Kvm, KvmUnavailableError
+from kvmlet.kvm import constants as c
 from kvmlet.kvm.constants import MpState
 from kvmlet.memory import GuestMemory, MiB
 
@@ -89,6 +90,20 @@ def test_vm_and_vcpu_state_round_trip() -> None:
             clock = vm.get_clock()
             vm.set_clock(clock)
             assert vm.signal_msi(0xFEE00000, 0x30) >= 0
+            # the state a snapshot saves: interrupt controllers, the PIT, debug registers, the TSC rate
+            for chip in (c.KVM_IRQCHIP_PIC_MASTER, c.KVM_IRQCHIP_PIC_SLAVE, c.KVM_IRQCHIP_IOAPIC):
+                state = vm.get_irqchip(chip)
+                assert len(state) == 512
+                vm.set_irqchip(chip, state)
+                assert vm.get_irqchip(chip) == state
+            pit = vm.get_pit2()
+            vm.set_pit2(pit)
+            assert len(vm.get_pit2()) == len(pit)
+            debugregs = vcpu.get_debugregs()
+            debugregs.db[0] = 0x1000
+            vcpu.set_debugregs(debugregs)
+            assert vcpu.get_debugregs().db[0] == 0x1000
+            assert vcpu.get_tsc_khz() > 0
         finally:
             vm.close()
             memory.close()

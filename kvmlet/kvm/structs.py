@@ -187,6 +187,25 @@ class kvm_clock_data(ctypes.Structure):
     ]
 
 
+KVM_IRQCHIP_STATE_SIZE = 512  # the union of kvm_pic_state and kvm_ioapic_state, kept as bytes
+
+
+class kvm_irqchip(ctypes.Structure):
+    """KVM_GET/SET_IRQCHIP: one in-kernel interrupt controller's state (chip_id: PIC master, slave, IOAPIC)."""
+
+    _fields_ = [("chip_id", u32), ("pad", u32), ("chip", u8 * KVM_IRQCHIP_STATE_SIZE)]
+
+
+class kvm_pit_state2(ctypes.Structure):
+    """KVM_GET/SET_PIT2: the in-kernel PIT's three channels (3 x 24 bytes, kept as bytes) and flags."""
+
+    _fields_ = [("channels", u8 * 72), ("flags", u32), ("reserved", u32 * 9)]
+
+
+class kvm_debugregs(ctypes.Structure):
+    _fields_ = [("db", u64 * 4), ("dr6", u64), ("dr7", u64), ("flags", u64), ("reserved", u64 * 9)]
+
+
 class kvm_pit_config(ctypes.Structure):
     _fields_ = [("flags", u32), ("pad", u32 * 15)]
 

@@ -170,6 +170,26 @@ class Vcpu:
     def set_lapic(self, lapic: s.kvm_lapic_state) -> None:
         self._set("KVM_SET_LAPIC", c.KVM_SET_LAPIC, lapic)
 
+    def get_debugregs(self) -> s.kvm_debugregs:
+        return self._get("KVM_GET_DEBUGREGS", c.KVM_GET_DEBUGREGS, s.kvm_debugregs)
+
+    def set_debugregs(self, debugregs: s.kvm_debugregs) -> None:
+        self._set("KVM_SET_DEBUGREGS", c.KVM_SET_DEBUGREGS, debugregs)
+
+    def get_tsc_khz(self) -> int:
+        """KVM_GET_TSC_KHZ: the guest TSC frequency."""
+        try:
+            return int(fcntl.ioctl(self.fd, c.KVM_GET_TSC_KHZ, 0))
+        except OSError as exc:
+            raise ioctl_error("KVM_GET_TSC_KHZ", exc) from None
+
+    def set_tsc_khz(self, khz: int) -> None:
+        """KVM_SET_TSC_KHZ (needs KVM_CAP_TSC_CONTROL: absent under PVM)."""
+        try:
+            fcntl.ioctl(self.fd, c.KVM_SET_TSC_KHZ, khz)
+        except OSError as exc:
+            raise ioctl_error("KVM_SET_TSC_KHZ", exc) from None
+
     def get_mp_state(self) -> c.MpState:
         state = self._get("KVM_GET_MP_STATE", c.KVM_GET_MP_STATE, s.kvm_mp_state)
         return c.MpState(state.mp_state)

@@ -172,6 +172,30 @@ class Vm:
         data.clock = clock_ns
         self._ioctl("KVM_SET_CLOCK", c.KVM_SET_CLOCK, data)
 
+    # -- interrupt controller and timer state (snapshots) ----------------------------------------------
+    def get_irqchip(self, chip_id: int) -> bytes:
+        """KVM_GET_IRQCHIP: the state of the PIC master (0), PIC slave (1) or IOAPIC (2), as bytes."""
+        chip = s.kvm_irqchip()
+        chip.chip_id = chip_id
+        self._ioctl(f"KVM_GET_IRQCHIP({chip_id})", c.KVM_GET_IRQCHIP, chip)
+        return bytes(chip.chip)
+
+    def set_irqchip(self, chip_id: int, state: bytes) -> None:
+        chip = s.kvm_irqchip()
+        chip.chip_id = chip_id
+        ctypes.memmove(chip.chip, state, min(len(state), s.KVM_IRQCHIP_STATE_SIZE))
+        self._ioctl(f"KVM_SET_IRQCHIP({chip_id})", c.KVM_SET_IRQCHIP, chip)
+
+    def get_pit2(self) -> bytes:
+        """KVM_GET_PIT2: the in-kernel PIT's state, as the kernel's bytes."""
+        state = s.kvm_pit_state2()
+        self._ioctl("KVM_GET_PIT2", c.KVM_GET_PIT2, state)
+        return bytes(state)
+
+    def set_pit2(self, state: bytes) -> None:
+        value = s.kvm_pit_state2.from_buffer_copy(state)
+        self._ioctl("KVM_SET_PIT2", c.KVM_SET_PIT2, value)
+
     # -- vCPUs and stats ----------------------------------------------------------------------------
     def create_vcpu(self, vcpu_id: int) -> Vcpu:
         """KVM_CREATE_VCPU plus the mmap of its kvm_run page."""
