@@ -179,6 +179,7 @@ const char *check_virtio_rng(void);
 const char *check_virtio_net(void);
 const char *check_virtio_net_bench(void);
 const char *check_virtio_vsock(void);
+const char *check_attack_blk_charge(void), *check_attack_blk_reset(void), *check_attack_blk_storm(void), *check_attack_blk_usedlen(void); /* attack_blk.c */
 
 /* main.c */
 void __attribute__((noreturn)) guest_exit(unsigned status);

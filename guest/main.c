@@ -25,6 +25,7 @@ static const struct check checks[] = {
     { "virtio-net", check_virtio_net },
     { "virtio-net-bench", check_virtio_net_bench },
     { "virtio-vsock", check_virtio_vsock },
+    { "attack-blk-charge", check_attack_blk_charge }, { "attack-blk-reset", check_attack_blk_reset }, { "attack-blk-storm", check_attack_blk_storm }, { "attack-blk-usedlen", check_attack_blk_usedlen },
 };
 
 unsigned checks_passed, checks_failed;

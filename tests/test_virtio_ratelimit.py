@@ -83,3 +83,33 @@ def test_no_limit_gives_no_limiter() -> None:
     assert make_rate_limiter(None) is None
     assert make_rate_limiter(RateLimiterConfig()) is None
     assert make_rate_limiter(RateLimiterConfig(ops=TokenBucketConfig(size=5, refill_time=1000))) is not None
+
+
+def test_reset_forgives_the_debt_and_grants_nothing() -> None:
+    """Issue 13: a device reset clears the debt of an oversized request (the drive answers again within
+    one refill), but neither refills the bucket nor gives back a spent one-time burst."""
+    clock = Clock()
+    limiter = RateLimiter(RateLimiterConfig(bandwidth=TokenBucketConfig(size=100, refill_time=1000,
+                                                                        one_time_burst=50)), clock)
+    assert limiter.try_consume(5050) == 0       # burst 50, then 5000 against a full bucket of 100
+    bucket = limiter.bandwidth
+    assert bucket is not None and bucket.budget == -4900 and bucket.burst == 0
+    assert limiter.try_consume(10) == pytest.approx(49.1)
+    limiter.reset()
+    assert bucket.budget == 0 and bucket.burst == 0
+    assert limiter.try_consume(10) == pytest.approx(0.1)
+    clock.now += 0.5
+    limiter.reset()                              # a positive budget is kept as it is: no gift
+    assert bucket.budget == pytest.approx(50)
+
+
+def test_refund_gives_back_at_most_a_full_bucket() -> None:
+    clock = Clock()
+    limiter = RateLimiter(RateLimiterConfig(bandwidth=TokenBucketConfig(size=100, refill_time=1000),
+                                            ops=TokenBucketConfig(size=2, refill_time=1000)), clock)
+    assert limiter.try_consume(80) == 0
+    limiter.refund(80)
+    assert limiter.bandwidth is not None and limiter.bandwidth.budget == 100
+    assert limiter.ops is not None and limiter.ops.budget == 2
+    limiter.refund(1000)
+    assert limiter.bandwidth.budget == 100

@@ -12,6 +12,11 @@ read-only drive, I/O errors on the host: all VIRTIO_BLK_S_IOERR. Unknown request
 write-zeroes when not negotiated or with flags the device does not support: VIRTIO_BLK_S_UNSUPP. A
 chain with no device-writable byte for the status cannot be answered: it is given back with length 0.
 
+Every check runs before the rate limiter is asked, so a refused request costs no token (a guest cannot
+put its drive into hours of debt with a 4 GiB request it knows will fail), and a request the host fails
+is refunded. The used length is what the device wrote (virtio 1.2, 2.7.8): the data read (or the ID)
+and the status byte for a request that succeeded, the status byte alone (1) for one that failed.
+
 Write caching: when the driver negotiated VIRTIO_BLK_F_FLUSH, a write completes once ``pwritev``
 returned (it is in the host's page cache) and FLUSH makes everything before it stable with
 ``fdatasync``. When it did not, every write is made stable before it completes (writethrough), as
@@ -23,7 +28,7 @@ from __future__ import annotations
 import enum
 import functools
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvmlet.devices.virtio.blk_backend import SECTOR_SIZE, BlockBackend, preadv_full, pwritev_full
 from kvmlet.devices.virtio.constants import DeviceType, feature_bit
@@ -71,6 +76,20 @@ class Status(enum.IntEnum):
     OK = 0
     IOERR = 1
     UNSUPP = 2
+
+
+Segment = tuple[int, int, int]  # a parsed virtio_blk_discard_write_zeroes: sector, sectors, flags
+
+
+@dataclass
+class _Request:
+    """A request that passed every check: what it does, where, its data and what it costs."""
+
+    kind: RequestType
+    offset: int                   # bytes into the drive (reads and writes)
+    data: BufferList              # the data read into or written from, or the ID's buffer
+    cost: int                     # bytes charged to the rate limiter
+    segments: list[Segment] = field(default_factory=list)  # DISCARD and WRITE_ZEROES
 
 
 class RequestError(Exception):
@@ -207,7 +226,7 @@ class VirtioBlock(VirtioDevice):
         finally:
             views.clear()
         status.view[0] = result
-        queue.push(head, length + 1 if reading else 1)
+        queue.push(head, length + 1 if reading and result is Status.OK else 1)
         return True
 
     def _handle(self, chain: DescriptorChain) -> bool:
@@ -221,52 +240,80 @@ class VirtioBlock(VirtioDevice):
                 writable.write(bytes([Status.IOERR]), writable.length - 1)
             queue.push(chain.head, 1 if writable.length else 0)
             return True
-        header = HEADER.unpack(chain.readable.read(0, HEADER.size))
-        kind, sector = header[0], header[2]
-        if self.rate_limiter is not None:
-            data = (chain.readable.length - HEADER.size) + (writable.length - 1)
-            cost = data if kind in (RequestType.IN, RequestType.OUT) else 0
-            if self.defer_for_rate_limit(queue, self.rate_limiter, cost):
-                self.stats.throttled += 1
-                return False
-        used = self._execute(kind, sector, chain)
+        kind, _, sector = HEADER.unpack(chain.readable.read(0, HEADER.size))
+        after_header = chain.readable.split(HEADER.size)[1]
+        data_in, status_part = writable.split(writable.length - 1)
+        try:
+            request = self._validate(kind, sector, after_header, data_in)
+        except RequestError as exc:
+            # Refused before anything is charged or done: no rate-limiter token, only the status byte.
+            self._count_failure(exc.status, f"request {chain.head}: {exc}")
+            status_part.write(bytes([exc.status]))
+            queue.push(chain.head, 1)
+            return True
+        limiter = self.rate_limiter
+        if limiter is not None and self.defer_for_rate_limit(queue, limiter, request.cost):
+            self.stats.throttled += 1
+            return False
+        status, used = self._perform(request, chain.head)
+        if status is not Status.OK and limiter is not None:
+            limiter.refund(request.cost)  # charge what is served: the host failed it
+        status_part.write(bytes([status]))
         queue.push(chain.head, used)
         return True
 
-    def _execute(self, kind: int, sector: int, chain: DescriptorChain) -> int:
-        """Carry out one request; returns the used length (status byte included)."""
-        after_header = chain.readable.split(HEADER.size)[1]
-        data_in, status_part = chain.writable.split(chain.writable.length - 1)
-        used = 1
+    def _validate(self, kind: int, sector: int, after_header: BufferList, data_in: BufferList) -> _Request:
+        """Every check a request must pass before it may cost anything (RequestError if it fails)."""
+        if kind == RequestType.IN:
+            self._check_data(after_header.length == 0, data_in, "read")
+            offset = self._check_range(sector, data_in.length // SECTOR_SIZE)
+            return _Request(RequestType.IN, offset, data_in, data_in.length)
+        if kind == RequestType.OUT:
+            self._check_data(data_in.length == 0, after_header, "write")
+            if self.readonly:
+                raise RequestError(Status.IOERR, "write to a read-only drive")
+            offset = self._check_range(sector, after_header.length // SECTOR_SIZE)
+            return _Request(RequestType.OUT, offset, after_header, after_header.length)
+        if kind == RequestType.FLUSH:
+            return _Request(RequestType.FLUSH, 0, data_in, 0)
+        if kind == RequestType.GET_ID:
+            if after_header.length or data_in.length == 0:
+                raise RequestError(Status.IOERR, "GET_ID needs a device-writable buffer for the ID")
+            return _Request(RequestType.GET_ID, 0, data_in, 0)
+        if kind in (RequestType.DISCARD, RequestType.WRITE_ZEROES):
+            request = RequestType(kind)
+            return _Request(request, 0, data_in, 0, self._segments(request, after_header, data_in))
+        raise RequestError(Status.UNSUPP, f"request type {kind} is not supported")
+
+    def _perform(self, request: _Request, head: int) -> tuple[Status, int]:
+        """Carry out a validated request: its status and used length (the bytes the device wrote into the
+        driver's buffers: the data read or the ID, and the status byte; only the status byte if it failed)."""
+        stats = self.stats
+        kind, data = request.kind, request.data
         try:
-            if kind == RequestType.IN:
-                used = data_in.length + 1
-                self._check_data(after_header.length == 0, data_in, "read")
-                self._read(sector, data_in)
-            elif kind == RequestType.OUT:
-                self._check_data(data_in.length == 0, after_header, "write")
-                self._write(sector, after_header)
-            elif kind == RequestType.FLUSH:
-                self.stats.flushes += 1
+            if kind is RequestType.IN:
+                stats.reads += 1
+                self.backend.read_into(data, request.offset)
+                stats.bytes_read += data.length
+                return Status.OK, data.length + 1
+            if kind is RequestType.OUT:
+                stats.writes += 1
+                self.backend.write_from(data, request.offset)
+                if not self.writeback:
+                    self.backend.flush()
+                stats.bytes_written += data.length
+            elif kind is RequestType.FLUSH:
+                stats.flushes += 1
                 self.backend.flush()
-            elif kind == RequestType.GET_ID:
-                if after_header.length or data_in.length == 0:
-                    raise RequestError(Status.IOERR, "GET_ID needs a device-writable buffer for the ID")
-                self.stats.get_ids += 1
-                used = data_in.write(self.drive_id.ljust(ID_BYTES, b"\0")) + 1
-            elif kind in (RequestType.DISCARD, RequestType.WRITE_ZEROES):
-                self._discard_or_zero(RequestType(kind), after_header, data_in)
+            elif kind is RequestType.GET_ID:
+                stats.get_ids += 1
+                return Status.OK, data.write(self.drive_id.ljust(ID_BYTES, b"\0")) + 1
             else:
-                raise RequestError(Status.UNSUPP, f"request type {kind} is not supported")
-            status = Status.OK
-        except RequestError as exc:
-            status = exc.status
-            self._count_failure(status, f"request {chain.head}: {exc}")
+                self._apply_segments(kind, request.segments)
         except OSError as exc:
-            status = Status.IOERR
-            self._host_io_failed(chain.head, exc)
-        status_part.write(bytes([status]))
-        return used
+            self._host_io_failed(head, exc)
+            return Status.IOERR, 1
+        return Status.OK, 1
 
     def _host_io_failed(self, head: int, exc: OSError) -> None:
         self._count_failure(Status.IOERR, f"request {head}: {self.backend.path}: {exc.strerror or exc}")
@@ -295,23 +342,8 @@ class VirtioBlock(VirtioDevice):
                                              f"{self.capacity}")
         return sector * SECTOR_SIZE
 
-    def _read(self, sector: int, data: BufferList) -> None:
-        offset = self._check_range(sector, data.length // SECTOR_SIZE)
-        self.stats.reads += 1
-        self.backend.read_into(data, offset)
-        self.stats.bytes_read += data.length
-
-    def _write(self, sector: int, data: BufferList) -> None:
-        if self.readonly:
-            raise RequestError(Status.IOERR, "write to a read-only drive")
-        offset = self._check_range(sector, data.length // SECTOR_SIZE)
-        self.stats.writes += 1
-        self.backend.write_from(data, offset)
-        if not self.writeback:
-            self.backend.flush()
-        self.stats.bytes_written += data.length
-
-    def _discard_or_zero(self, kind: RequestType, segments: BufferList, data_in: BufferList) -> None:
+    def _segments(self, kind: RequestType, segments: BufferList, data_in: BufferList) -> list[Segment]:
+        """The checked segments of a DISCARD or WRITE_ZEROES request."""
         discard = kind is RequestType.DISCARD
         feature = VIRTIO_BLK_F_DISCARD if discard else VIRTIO_BLK_F_WRITE_ZEROES
         if not self.has_feature(feature):
@@ -333,8 +365,11 @@ class VirtioBlock(VirtioDevice):
             if sectors > limit_sectors:
                 raise RequestError(Status.IOERR, f"{kind.name} of {sectors} sectors (max {limit_sectors})")
             self._check_range(sector, sectors)
-        for sector, sectors, flags in parsed:
-            if discard:
+        return parsed
+
+    def _apply_segments(self, kind: RequestType, segments: list[Segment]) -> None:
+        for sector, sectors, flags in segments:
+            if kind is RequestType.DISCARD:
                 self.stats.discards += 1
                 self.backend.discard(sector * SECTOR_SIZE, sectors * SECTOR_SIZE)
             else:

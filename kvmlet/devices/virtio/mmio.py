@@ -33,6 +33,7 @@ Register reads take no lock (each returns one field's current value).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -55,6 +56,7 @@ from kvmlet.devices.virtio.constants import (
 )
 from kvmlet.devices.virtio.device import ActivationError, VirtioDevice
 from kvmlet.devices.virtio.queue import RingError, Virtqueue
+from kvmlet.devices.virtio.ratelimit import rate_limiters_of
 from kvmlet.memory import GuestMemory
 
 log = logging.getLogger("kvmlet.virtio")
@@ -62,6 +64,13 @@ log = logging.getLogger("kvmlet.virtio")
 _MASK32 = 0xFFFFFFFF
 MAX_FEATURE_WORDS = 2  # features 0-63: all that kvmlet's devices define
 MAX_LOGGED_ERRORS = 8  # per device: a guest must not be able to flood the host's log
+# Wake-up timers (a rate-limited or blocked queue run again later): at most one per queue is ever on the
+# event loop, whatever the driver does (every notification while throttled used to add one: issue 13).
+# No timer is longer than MAX_TIMER_DELAY seconds: a longer wait is served in steps (the device asks
+# again each time), so a timer a reset made useless is gone within that time, and a queue reset and
+# throttled anew waits at most that long for the timer it must share.
+MAX_TIMERS_PER_QUEUE = 1
+MAX_TIMER_DELAY = 0.25
 # Plain ints for the per-notification checks (IntFlag arithmetic costs microseconds per operation).
 _DRIVER_OK = int(DeviceStatus.DRIVER_OK)
 _STOPPED = int(DeviceStatus.DEVICE_NEEDS_RESET | DeviceStatus.FAILED)
@@ -88,6 +97,8 @@ class TransportStats:
     ignored_writes: int = 0
     resets: int = 0
     needs_reset: int = 0
+    timers_pending: int = 0            # wake-up timers on the event loop now (at most one per queue)
+    timers_coalesced: int = 0          # wake-ups asked for while the queue's timer was armed (limit hit)
     last_error: str = ""
 
 
@@ -106,7 +117,8 @@ class MmioTransport:
         self._lock = threading.RLock()
         self._irq_lock = threading.Lock()
         self.config_generation = 0
-        self._epoch = 0
+        self._timer_armed = [False] * len(self.queues)  # the queue's one timer is on the event loop
+        self._wake_wanted = [False] * len(self.queues)  # and it should run the queue (False: cancelled)
         self._clear_registers()
 
     def _clear_registers(self) -> None:
@@ -353,7 +365,9 @@ class MmioTransport:
                 queue.reset()
             with self._irq_lock:
                 self._clear_registers()
-            self._epoch += 1
+            self._cancel_wakeups()
+            for limiter in rate_limiters_of(self.device):
+                limiter.reset()  # a reset drive owes nothing (issue 13: hours of debt outlived a reset)
             self.stats.resets += 1
 
     # -- notifications from the driver --------------------------------------------------------------
@@ -436,15 +450,34 @@ class MmioTransport:
         self._raise_interrupt(InterruptReason.CONFIG_CHANGE)
 
     def schedule_queue(self, queue_index: int, delay: float) -> None:
-        if self.scheduler is None:
+        """Run the queue again after ``delay`` seconds, or sooner: the queue's one timer, armed for at most
+        MAX_TIMER_DELAY; a wake-up asked for while it is armed rides on it (counted, no new timer)."""
+        if self.scheduler is None or queue_index >= len(self._timer_armed):
             return
-        epoch = self._epoch
+        with self._lock:
+            self._wake_wanted[queue_index] = True
+            if self._timer_armed[queue_index]:
+                self.stats.timers_coalesced += 1
+                return
+            self._timer_armed[queue_index] = True
+            self.stats.timers_pending += 1
+        self.scheduler.call_later(min(max(delay, 0.0), MAX_TIMER_DELAY),
+                                  functools.partial(self._timer_fired, queue_index))
 
-        def fire() -> None:
-            if epoch == self._epoch:
-                self.process_queue(queue_index)
+    def _timer_fired(self, queue_index: int) -> None:
+        """The queue's timer (event-loop thread): run the queue unless a reset or close cancelled it. A
+        device still waiting asks again, which arms the next timer."""
+        with self._lock:
+            self._timer_armed[queue_index] = False
+            self.stats.timers_pending -= 1
+            if not self._wake_wanted[queue_index]:
+                return
+            self._wake_wanted[queue_index] = False
+        self.process_queue(queue_index)
 
-        self.scheduler.call_later(delay, fire)
+    def _cancel_wakeups(self) -> None:
+        """No queue is to be run by its timer (a timer still on the loop fires and does nothing)."""
+        self._wake_wanted = [False] * len(self._wake_wanted)
 
     def _raise_interrupt(self, reason: InterruptReason) -> None:
         with self._irq_lock:
@@ -454,6 +487,7 @@ class MmioTransport:
     # -- lifetime -----------------------------------------------------------------------------------
     def close(self) -> None:
         with self._lock:
+            self._cancel_wakeups()
             self.device.reset()
             self.device.close()
             for fd in self.queue_eventfds:

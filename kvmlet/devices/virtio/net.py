@@ -415,6 +415,7 @@ class VirtioNet(VirtioDevice):
         header = self._rx_header(first.read(0, VNET_HDR_SIZE), len(frame.chains))
         if header is None:
             self.stats.rx_dropped += 1
+            self._refund(self.rx_rate_limiter, frame.size - VNET_HDR_SIZE)  # charge only what is delivered
             state.spare.extendleft(reversed(frame.chains))
             return True
         first.write(header)
@@ -532,11 +533,13 @@ class VirtioNet(VirtioDevice):
         try:
             os.writev(self.tap.write_fd(pair), iov)
         except (BlockingIOError, InterruptedError):
+            self._refund(self.tx_rate_limiter, size - VNET_HDR_SIZE)  # charged again when it is sent
             queue.undo_pop()
             if self.host is not None:
                 self.host.schedule_queue(queue.index, 0.001)
             return False
         except OSError as exc:
+            self._refund(self.tx_rate_limiter, size - VNET_HDR_SIZE)  # charge only what is sent
             self._sent(pair, queue, chain.head, size, exc)
             return True
         finally:
@@ -544,6 +547,11 @@ class VirtioNet(VirtioDevice):
             iov.clear()
         self._sent(pair, queue, chain.head, size)
         return True
+
+    @staticmethod
+    def _refund(limiter: RateLimiter | None, nbytes: int) -> None:
+        if limiter is not None:
+            limiter.refund(nbytes)
 
     def _tx_header(self, raw: bytes) -> bytes | None:
         flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, _ = NET_HDR.unpack(raw)

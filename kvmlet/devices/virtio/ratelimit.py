@@ -9,7 +9,21 @@ requests are slowed down in proportion instead of being refused.
 
 When a request is not admitted, ``try_consume`` returns how long to wait; the device puts the request
 back on its queue and asks its transport to run the queue again after that delay (a timer on the event
-loop), so a throttled queue resumes by itself without a new notification from the driver.
+loop), so a throttled queue resumes by itself without a new notification from the driver. The transport
+keeps at most one such timer per queue, however often the driver notifies while the queue waits.
+
+A guest must not be able to turn the limiter against its own device (issue 13), hence three rules:
+
+* charge what is served: a device validates a request before it asks the limiter, so a request it
+  refuses costs no token, and it gives back (:meth:`RateLimiter.refund`) what it charged for a request
+  the host then failed to carry out;
+* a device reset forgives the debt (:meth:`RateLimiter.reset`): a reset drive answers its next request
+  after at most one bucket's refill time, never after the hours a huge request could have cost. A reset
+  grants no tokens (the budget is not refilled, a spent one-time burst stays spent), so resetting
+  cannot buy bandwidth with small requests; what it can buy is the debt of one oversized request per
+  refill (for virtio-blk at most ``seg_max`` x ``size_max`` bytes), the price of not holding a reset
+  drive hostage;
+* every wait is computed from the buckets, never accumulated per notification.
 """
 
 from __future__ import annotations
@@ -60,6 +74,15 @@ class TokenBucket:
         self.burst -= from_burst
         self.budget -= tokens - from_burst
 
+    def refund(self, tokens: int) -> None:
+        """Give back ``tokens`` consumed for work that was not done (up to a full bucket)."""
+        self.budget = min(self.capacity, self.budget + tokens)
+
+    def reset(self) -> None:
+        """Forget the debt (the device was reset); grant nothing: a non-negative budget is kept as it is."""
+        self._refill()
+        self.budget = max(self.budget, 0.0)
+
 
 class RateLimiter:
     """Bandwidth and operations buckets; either may be absent (no limit)."""
@@ -85,6 +108,28 @@ class RateLimiter:
         if self.ops is not None:
             self.ops.consume(ops)
         return 0.0
+
+    def refund(self, nbytes: int, ops: int = 1) -> None:
+        """Give back what :meth:`try_consume` took for a request that was then not served."""
+        if self.bandwidth is not None:
+            self.bandwidth.refund(nbytes)
+        if self.ops is not None:
+            self.ops.refund(ops)
+
+    def reset(self) -> None:
+        """The device was reset: its debt is forgiven (see the module's documentation)."""
+        for bucket in (self.bandwidth, self.ops):
+            if bucket is not None:
+                bucket.reset()
+
+
+LIMITER_ATTRIBUTES = ("rate_limiter", "rx_rate_limiter", "tx_rate_limiter")  # where devices keep them
+
+
+def rate_limiters_of(device: object) -> list[RateLimiter]:
+    """The limiters a device has (attributes named as in :data:`LIMITER_ATTRIBUTES`)."""
+    found = (getattr(device, attribute, None) for attribute in LIMITER_ATTRIBUTES)
+    return [limiter for limiter in found if isinstance(limiter, RateLimiter)]
 
 
 def make_rate_limiter(config: RateLimiterConfig | None, clock: Clock = time.monotonic) -> RateLimiter | None:
