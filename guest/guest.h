@@ -180,6 +180,8 @@ const char *check_virtio_net(void);
 const char *check_virtio_net_bench(void);
 const char *check_virtio_vsock(void);
 const char *check_attack_blk_charge(void), *check_attack_blk_reset(void), *check_attack_blk_storm(void), *check_attack_blk_usedlen(void); /* attack_blk.c */
+const char *check_attack_indirect_long(void), *check_attack_queue_flood(void); /* attack_queue.c */
+const char *check_attack_vsock_reuse(void), *check_attack_vsock_conns(void), *check_attack_vsock_flood(void); /* attack_vsock.c */
 
 /* main.c */
 void __attribute__((noreturn)) guest_exit(unsigned status);

@@ -308,20 +308,45 @@ def test_zero_length_read_is_fine(blk: Blk) -> None:
 
 
 def test_too_many_segments(memory: GuestMemory, image: Path) -> None:
+    """seg_max is the queue size less two (header and status), and a chain is at most the queue size
+    (virtio 1.2, 2.7.5.3.1): one more segment fits only with the header sharing the first data buffer."""
     b = make_blk(memory, image, features=ALL)
     try:
         ring = b.ring
-        hdr = ring.buffer(struct.pack("<IIQ", RequestType.IN, 0, 0))
+        first = ring.buffer(struct.pack("<IIQ", RequestType.OUT, 0, 0) + bytes(512))   # header + segment 1
         data = ring.alloc(512 * 2)
-        parts = [(*hdr, False)] + [(data + (i % 2) * 512, 512, True) for i in range(SEG_MAX + 1)]
+        parts = [(*first, False)] + [(data + (i % 2) * 512, 512, False) for i in range(SEG_MAX)]
         status_gpa = ring.alloc(1)
         parts.append((status_gpa, 1, True))
+        assert len(parts) == b.ring.size
         head = ring.add_indirect(parts)
         ring.publish(head)
         assert b.transport.driver_features & feature_bit(VIRTIO_F_INDIRECT_DESC)
         b.driver.notify()
         assert ring.take_used()[0][0] == head
         assert memory.read(status_gpa, 1) == bytes([Status.IOERR]) and "seg_max" in b.device.stats.last_error
+    finally:
+        b.transport.close()
+
+
+def test_a_chain_longer_than_the_queue_is_refused_before_the_device_sees_it(memory: GuestMemory,
+                                                                             image: Path) -> None:
+    """seg_max + 1 data segments with their own header and status make a chain longer than the queue: it
+    comes back with used length 0 and the status byte untouched (before the chain bound, the device
+    answered IOERR for its seg_max)."""
+    b = make_blk(memory, image, features=ALL)
+    try:
+        ring = b.ring
+        hdr = ring.buffer(struct.pack("<IIQ", RequestType.IN, 0, 0))
+        data = ring.alloc(512 * 2)
+        parts = [(*hdr, False)] + [(data + (i % 2) * 512, 512, True) for i in range(SEG_MAX + 1)]
+        status_gpa = ring.buffer(b"\xee")[0]
+        parts.append((status_gpa, 1, True))
+        head = ring.add_indirect(parts)
+        ring.publish(head)
+        b.driver.notify()
+        assert ring.take_used() == [(head, 0)]
+        assert memory.read(status_gpa, 1) == b"\xee" and b.transport.stats.chains_too_long == 1
     finally:
         b.transport.close()
 

@@ -17,10 +17,18 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Sequence
+from time import monotonic
 from typing import Protocol
 
 from kvmlet.devices.virtio.constants import COMMON_FEATURES, DeviceType, feature_bit
-from kvmlet.devices.virtio.queue import DescriptorChain, DirectChain, RingError, Virtqueue
+from kvmlet.devices.virtio.queue import (
+    SLICE_CHAINS,
+    SLICE_SECONDS,
+    DescriptorChain,
+    DirectChain,
+    RingError,
+    Virtqueue,
+)
 from kvmlet.devices.virtio.ratelimit import RateLimiter
 
 
@@ -42,6 +50,11 @@ class DeviceHost(Protocol):
     def process_queue(self, queue_index: int) -> None:
         """Run ``process_queue(queue_index)`` now, under the transport's lock, if the queue is live
         (for devices with host-side event sources, e.g. a TAP or a socket becoming readable)."""
+        ...
+
+    def continue_queue(self, queue_index: int) -> bool:
+        """Run ``process_queue(queue_index)`` again once the event loop has served the rest of what is
+        ready (a drain that used up its slice); False if there is no event loop to come back from."""
         ...
 
 
@@ -133,7 +146,8 @@ class VirtioDevice(abc.ABC):
 
     def drain_queue(self, queue: Virtqueue, handle: Callable[[DescriptorChain], bool],
                     direct: Callable[[DirectChain], bool] | None = None) -> None:
-        """Give each available chain to ``handle`` until the ring is empty, then signal the driver.
+        """Give each available chain to ``handle`` until the ring is empty or the slice is over, then
+        signal the driver.
 
         ``handle`` returns False to stop early (it has put the chain back with ``undo_pop`` and arranged
         to be called again, e.g. by a rate limiter's timer).
@@ -145,25 +159,46 @@ class VirtioDevice(abc.ABC):
 
         While it drains, the driver is asked not to notify (it would only wake the event loop for chains
         this loop takes anyway, and cost the guest an exit per notification).
+
+        Fairness: after ``SLICE_CHAINS`` chains (malformed ones included) or ``SLICE_SECONDS``, whichever
+        comes first, the rest of the queue is handed back to the event loop (``host.continue_queue``),
+        which serves everything else that is ready before it calls ``process_queue`` again; the driver is
+        then allowed to notify again (``enable_notification``: the notification, if it comes, meets the
+        continuation on the same eventfd). Without an event loop (``continue_queue`` returns False) the
+        drain goes on to the end, as before.
         """
-        pop_direct = queue.pop_direct
+        pop_direct = queue.pop_direct if direct is not None else None
+        stats = queue.stats
+        clock = monotonic
+        limit = stats.chains + SLICE_CHAINS
+        deadline = clock() + SLICE_SECONDS
         try:
             queue.disable_notification()
             while True:
-                while True:
-                    if direct is not None:
-                        while (simple := pop_direct()) is not None:
-                            if not direct(simple):
-                                queue.undo_pop()
-                                break
+                simple = pop_direct() if pop_direct is not None else None
+                if simple is not None and direct is not None and not direct(simple):
+                    queue.undo_pop()
+                    simple = None
+                if simple is None:
                     chain = queue.pop()
-                    if chain is None:
-                        break
-                    if not handle(chain):
-                        queue.allow_notification()
-                        return
-                if not queue.enable_notification():
-                    break
+                    if chain is not None:
+                        if not handle(chain):
+                            queue.allow_notification()
+                            return
+                    elif not queue.enable_notification():
+                        break      # empty, and the driver will notify for the next chain
+                    else:
+                        queue.disable_notification()   # chains arrived meanwhile: go on
+                if stats.chains >= limit or clock() >= deadline:
+                    if not queue.enable_notification():
+                        break      # the slice ended with the ring: done
+                    host = self.host
+                    if host is not None and host.continue_queue(queue.index):
+                        stats.slices += 1
+                        return     # the rest on the loop's next turn; the driver may notify meanwhile
+                    queue.disable_notification()
+                    limit = stats.chains + SLICE_CHAINS
+                    deadline = clock() + SLICE_SECONDS
         finally:
             self._signal_if_needed(queue)
 

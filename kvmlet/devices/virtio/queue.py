@@ -9,10 +9,16 @@ through :class:`~kvmlet.memory.GuestMemory`; every value the guest controls is c
   table, a chain visits at most queue-size descriptors (so a loop ends it), device-writable descriptors
   come after device-readable ones, the total length fits in 32 bits, and indirect tables are used only
   when VIRTIO_F_INDIRECT_DESC was negotiated, are a whole number of 8-byte aligned 16-byte descriptors,
-  are not combined with NEXT and contain no further indirect descriptor.
+  are not combined with NEXT and contain no further indirect descriptor;
+* a chain is at most queue-size descriptors long, an indirect table's entries included (virtio 1.2,
+  2.7.5.3.1: "A driver MUST NOT create a descriptor chain longer than the Queue Size of the device"). The
+  table's length says how many entries it claims, so a longer chain is refused when its indirect
+  descriptor is read, before a single entry is: the work a chain can cost is bounded by the queue size
+  (at most 256 descriptors with kvmlet's devices), whatever the guest writes.
 
 Two kinds of failure: a malformed chain (:class:`ChainError`) fails that request only: ``pop`` gives the
-head back to the driver on the used ring with length 0, counts it and goes on. A broken ring
+head back to the driver on the used ring with length 0, counts it and goes on (to at most the chains that
+were available when it looked: one call of ``pop`` is bounded by the queue size too). A broken ring
 (:class:`RingError`: the available index moved by more than the queue size, a head index outside the
 table) cannot be answered on the ring at all; ``pop`` raises it and the transport sets
 DEVICE_NEEDS_RESET. Nothing else escapes: guest memory access errors become one of the two.
@@ -31,15 +37,25 @@ import functools
 import struct
 import threading
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from kvmlet.memory import GuestMemory, GuestMemoryError
 
 DESCRIPTOR_SIZE = 16
 MAX_QUEUE_SIZE = 32768
-MAX_INDIRECT_ENTRIES = MAX_QUEUE_SIZE
+# Descriptors in one chain, indirect table included: at most the queue's size (virtio 1.2, 2.7.5.3.1), so an
+# indirect table holds at most the queue size minus the descriptors before it (a chain longer than that is
+# refused as malformed, and counted in QueueStats.chains_too_long). There is no other, larger table limit.
 MAX_CHAIN_BYTES = 1 << 32
 MAX_DIRECT = 4            # descriptors in a chain that pop_direct takes
+
+# Fairness: one drain of a queue (VirtioDevice.drain_queue) takes at most SLICE_CHAINS chains or runs for
+# at most SLICE_SECONDS (checked after each chain), then hands the rest of the queue back to the event
+# loop, which runs whatever else is ready (other queues, other devices, other VMs' devices, timers, the
+# API) before it comes back. A chain costs at most queue-size descriptors to parse, so one slice lasts at
+# most SLICE_SECONDS plus one chain.
+SLICE_CHAINS = 256        # a full ring of kvmlet's default queue size
+SLICE_SECONDS = 0.002
 
 VIRTQ_DESC_F_NEXT = 1
 VIRTQ_DESC_F_WRITE = 2
@@ -231,10 +247,18 @@ _new_direct_chain = functools.partial(tuple.__new__, DirectChain)
 class QueueStats:
     chains: int = 0
     malformed_chains: int = 0
+    chains_too_long: int = 0            # refused: longer than the queue size, indirect table included
+    slices: int = 0                     # drains cut short to let other work run (SLICE_CHAINS/SECONDS)
     used_buffers: int = 0
     notifications_sent: int = 0
     notifications_suppressed: int = 0
     last_error: str = ""
+
+
+class LimitCounters(Protocol):
+    """Where a queue also counts the limits it enforces (e.g. its transport's published stats)."""
+
+    chains_too_long: int
 
 
 class _Rings(NamedTuple):
@@ -255,13 +279,15 @@ class _Rings(NamedTuple):
 class Virtqueue:
     """One split virtqueue: its configuration (written by the driver through the transport) and rings."""
 
-    def __init__(self, memory: GuestMemory, index: int, max_size: int = 256) -> None:
+    def __init__(self, memory: GuestMemory, index: int, max_size: int = 256,
+                 counters: LimitCounters | None = None) -> None:
         if not is_power_of_two(max_size) or max_size > MAX_QUEUE_SIZE:
             raise ValueError(f"queue maximum size {max_size} is not a power of two up to {MAX_QUEUE_SIZE}")
         self.memory = memory
         self.index = index
         self.max_size = max_size
         self.stats = QueueStats()
+        self.counters = counters      # also told of each limit hit (the transport's stats, published)
         self._fence_lock = threading.Lock()
         self.reset()
 
@@ -379,17 +405,20 @@ class Virtqueue:
         rings = self._ring_views()
         avail, at = rings.avail, rings.avail_at
         unpack = _U16.unpack_from
-        while True:
+        try:
+            count = (unpack(avail, at + 2)[0] - self.next_avail) & 0xFFFF   # as pending(), inline
+        except ValueError as exc:  # the memory was closed (released views)
+            raise RingError(f"queue {self.index}: {exc}") from None
+        if count > self.size:
+            raise RingError(f"queue {self.index}: available index moved by {count}, more than the queue "
+                            f"size {self.size}")
+        # Only the chains available now: a driver re-posting malformed chains as fast as they come back
+        # cannot keep one call going (the caller looks at the ring again, and counts what it took).
+        for _ in range(count):
             try:
-                count = (unpack(avail, at + 2)[0] - self.next_avail) & 0xFFFF   # as pending(), inline
-                head = unpack(avail, at + 4 + 2 * (self.next_avail % self.size))[0] if count else 0
-            except ValueError as exc:  # the memory was closed (released views)
+                head = unpack(avail, at + 4 + 2 * (self.next_avail % self.size))[0]
+            except ValueError as exc:
                 raise RingError(f"queue {self.index}: {exc}") from None
-            if not count:
-                return None
-            if count > self.size:
-                raise RingError(f"queue {self.index}: available index moved by {count}, more than the queue "
-                                f"size {self.size}")
             if head >= self.size:
                 raise RingError(f"queue {self.index}: available ring entry {self.next_avail} names "
                                 f"descriptor {head}, outside the table of {self.size}")
@@ -401,6 +430,9 @@ class Virtqueue:
                 self.stats.malformed_chains += 1
                 self.stats.last_error = str(exc)
                 self.push(head, 0)
+            except ValueError as exc:  # the memory was closed (released views)
+                raise RingError(f"queue {self.index}: {exc}") from None
+        return None
 
     def pop_direct(self) -> DirectChain | None:
         """The next chain if it is of the commonest kind, taken without the general parser's objects: at
@@ -466,14 +498,6 @@ class Virtqueue:
         self.next_avail = (self.next_avail - 1) & 0xFFFF
         self.stats.chains -= 1
 
-    def _read_descriptor(self, head: int, table: int, index: int) -> tuple[int, int, int, int]:
-        try:
-            view = self.memory.view(table + DESCRIPTOR_SIZE * index, DESCRIPTOR_SIZE)
-        except GuestMemoryError as exc:
-            raise ChainError(head, f"descriptor {index}: {exc}") from None
-        addr, length, flags, next_index = _DESCRIPTOR.unpack(view)
-        return int(addr), int(length), int(flags), int(next_index)
-
     def _in_ram(self, addr: int, length: int) -> bool:
         """Whether ``[addr, addr+length)`` lies in one RAM region (the last buffer's region first)."""
         start, end = self._data_region
@@ -487,10 +511,18 @@ class Virtqueue:
         self._data_view = region.view
         return True
 
+    def _chain_too_long(self, head: int, before: int, entries: int) -> ChainError:
+        """Count a chain refused for its length (the caller raises the error returned)."""
+        self.stats.chains_too_long += 1
+        if self.counters is not None:
+            self.counters.chains_too_long += 1
+        return ChainError(head, f"{before} descriptors and an indirect table of {entries} make a chain longer "
+                                f"than the queue size {self.size}")
+
     def _parse_chain(self, head: int) -> DescriptorChain:
         readable: list[Buffer] = []
         writable: list[Buffer] = []
-        table, table_size = self.desc_addr, self.size
+        table_size = self.size
         rings = self._ring_views()
         descriptors, descriptors_at = rings.desc, rings.desc_at  # the queue's table (validated)
         unpack_descriptor = _DESCRIPTOR.unpack_from
@@ -505,11 +537,7 @@ class Virtqueue:
             if visited >= table_size:
                 raise ChainError(head, f"longer than the {'indirect table' if in_indirect else 'queue'} "
                                  f"({table_size} descriptors): a loop")
-            if in_indirect:
-                addr, length, flags, next_index = self._read_descriptor(head, table, index)
-            else:
-                addr, length, flags, next_index = unpack_descriptor(descriptors,
-                                                                    descriptors_at + DESCRIPTOR_SIZE * index)
+            addr, length, flags, next_index = unpack_descriptor(descriptors, descriptors_at + DESCRIPTOR_SIZE * index)
             visited += 1
             count += 1
             if flags & VIRTQ_DESC_F_INDIRECT:
@@ -520,15 +548,20 @@ class Virtqueue:
                 if flags & VIRTQ_DESC_F_NEXT:
                     raise ChainError(head, "indirect descriptor with NEXT set")
                 entries, remainder = divmod(length, DESCRIPTOR_SIZE)
-                if remainder or not 0 < entries <= MAX_INDIRECT_ENTRIES:
-                    raise ChainError(head, f"indirect table length {length} is not 1 to "
-                                     f"{MAX_INDIRECT_ENTRIES} descriptors of {DESCRIPTOR_SIZE} bytes")
+                if remainder or not entries:
+                    raise ChainError(head, f"indirect table length {length} is not a whole number of "
+                                     f"descriptors of {DESCRIPTOR_SIZE} bytes")
+                if count - 1 + entries > self.size:   # checked before any entry is read
+                    raise self._chain_too_long(head, count - 1, entries)
                 if addr % INDIRECT_TABLE_ALIGN:
                     raise ChainError(head, f"indirect table at {addr:#x} is not "
                                      f"{INDIRECT_TABLE_ALIGN}-byte aligned")
-                if not self.memory.contains(addr, length):
-                    raise ChainError(head, f"indirect table at {addr:#x}+{length:#x} is not in guest RAM")
-                table, table_size, index, visited, in_indirect = addr, entries, 0, 0, True
+                try:
+                    region = self.memory.region_of(addr, length)
+                except GuestMemoryError:
+                    raise ChainError(head, f"indirect table at {addr:#x}+{length:#x} is not in guest RAM") from None
+                descriptors, descriptors_at = region.view, addr - region.gpa   # read in place, as the ring
+                table_size, index, visited, in_indirect = entries, 0, 0, True
                 continue
             if length:
                 if not (data_start <= addr and addr + length <= data_end):

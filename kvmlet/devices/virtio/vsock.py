@@ -20,6 +20,10 @@ freed a quarter of that, and sends the guest no more than the guest's advertised
 Packets the device cannot accept (short header, unknown op or type, length beyond the buffer, data for
 no connection, credit overrun) are counted and answered with RST; none of them stops the device.
 
+A hostile guest (issue 13; docs/security.md): a transmit packet's header and payload are copied out of
+guest memory before its buffer goes on the used ring, and everything a guest can make the device hold has
+a bound (the MAX_* constants, BUF_ALLOC), enforced and counted in :class:`VsockStats` when hit.
+
 Locking: queue processing runs under the transport's lock; socket callbacks (event-loop thread) change
 the connection table under the device's own lock and then ask the transport to run the rx queue.
 """
@@ -29,9 +33,9 @@ from __future__ import annotations
 import collections
 import errno
 import functools
+import logging
 import os
 import socket
-import stat
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +43,9 @@ from pathlib import Path
 from kvmlet.devices.virtio.constants import DeviceType, feature_bit
 from kvmlet.devices.virtio.device import VirtioDevice
 from kvmlet.devices.virtio.queue import DescriptorChain
-from kvmlet.devices.virtio.vsock_connection import Connection, ConnState, HostClient, Outgoing
+from kvmlet.devices.virtio.vsock_connection import Connection, ConnState, HostClient, ReplyQueue
+from kvmlet.devices.virtio.vsock_host import VsockError as VsockError  # re-exported: the device's error
+from kvmlet.devices.virtio.vsock_host import WarningLimiter, listen_unix, parse_connect
 from kvmlet.devices.virtio.vsock_packet import (
     HDR_SIZE,
     HOST_CID,
@@ -51,7 +57,6 @@ from kvmlet.devices.virtio.vsock_packet import (
     Op,
     VsockHeader,
 )
-from kvmlet.errors import KvmletError
 from kvmlet.eventloop import EventLoop
 
 RX_QUEUE, TX_QUEUE, EVENT_QUEUE = 0, 1, 2
@@ -60,12 +65,17 @@ QUEUE_SIZE = 256
 CONNECT_TIMEOUT = 2.0            # seconds the guest has to answer a host-initiated REQUEST
 FIRST_LOCAL_PORT = 1 << 30       # local ports for host-initiated connections
 MAX_CONNECT_LINE = 64
-MAX_CONNECTIONS = 1024
+# Bounds on what a guest (or host clients) can make the device hold (issue 13; docs/security.md); each is
+# counted in VsockStats when hit. BUF_ALLOC (vsock_connection) bounds the bytes buffered per connection.
+MAX_CONNECTIONS = 1024           # connections, both directions (Firecracker: 1023); a REQUEST beyond: RST
+MAX_QUEUED_RESETS = 1024         # resets waiting for a receive buffer (one per connection); more are dropped
+MAX_PENDING_HOST_CONNECTS = 64   # host-initiated connections waiting for the guest's RESPONSE; more: closed
+MAX_HOST_CLIENTS = 64            # host clients that have not sent their CONNECT line yet; more: closed
+WARNING_INTERVAL = 10.0          # seconds: at most one warning of each kind per device (the rest are counted)
+ACCEPT_RETRY_DELAY = 0.5         # seconds the listener rests when the host is out of file descriptors
+_OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _KNOWN_OPS = frozenset(int(op) for op in Op if op is not Op.INVALID)
-
-
-class VsockError(KvmletError, RuntimeError):
-    """The host side cannot be set up (socket path problems)."""
+log = logging.getLogger("kvmlet.virtio")
 
 
 @dataclass
@@ -79,16 +89,24 @@ class VsockStats:
     guest_connections: int = 0
     host_connections: int = 0
     connect_failures: int = 0
-    credit_violations: int = 0
+    credit_violations: int = 0        # guest data beyond the credit (BUF_ALLOC): connection reset
     bad_rx_buffers: int = 0
+    connections_refused: int = 0      # guest REQUESTs refused: MAX_CONNECTIONS, or no descriptor on the host
+    host_connects_refused: int = 0    # host clients closed: MAX_CONNECTIONS, MAX_PENDING_HOST_CONNECTS, ...
+    accept_failures: int = 0          # the listener could not accept (it rests ACCEPT_RETRY_DELAY)
+    replies_dropped: int = 0          # resets not queued: MAX_QUEUED_RESETS were waiting for receive buffers
+    replies_coalesced: int = 0        # control packets merged into the same one already waiting
+    reset_queue_peak: int = 0         # the most resets that ever waited at once (at most MAX_QUEUED_RESETS)
+    warnings_suppressed: int = 0      # warnings not logged (one of each kind per WARNING_INTERVAL)
     last_error: str = ""
 
 
 @dataclass
 class _Tables:
     connections: dict[tuple[int, int], Connection] = field(default_factory=dict)  # (local, peer port)
-    outgoing: collections.deque[Outgoing] = field(default_factory=collections.deque)
+    replies: ReplyQueue = field(default_factory=lambda: ReplyQueue(MAX_QUEUED_RESETS))
     readable: collections.deque[Connection] = field(default_factory=collections.deque)
+    host_connects: int = 0            # connections in the table still REQUESTED (host-initiated)
 
 
 class VirtioVsock(VirtioDevice):
@@ -105,11 +123,13 @@ class VirtioVsock(VirtioDevice):
         self.uds_path = str(uds_path)
         self.watcher = watcher
         self.stats = VsockStats()
+        self._warnings = WarningLimiter(log, WARNING_INTERVAL)
         self._lock = threading.RLock()
         self._tables = _Tables()
         self._clients: set[HostClient] = set()
         self._next_port = FIRST_LOCAL_PORT
-        self._listener = _listen(self.uds_path)
+        self._closed = False
+        self._listener = listen_unix(self.uds_path)
         self.watcher.watch_read(self._listener.fileno(), self._accept)
 
     # -- configuration -----------------------------------------------------------------------------------
@@ -123,11 +143,13 @@ class VirtioVsock(VirtioDevice):
     def on_reset(self) -> None:
         with self._lock:
             for conn in list(self._tables.connections.values()):
+                conn.queued = False  # the whole reply queue goes: no need to take each one out
                 self._close(conn)
             self._tables = _Tables()
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             self.on_reset()
             for client in list(self._clients):
                 self._drop_client(client)
@@ -142,6 +164,11 @@ class VirtioVsock(VirtioDevice):
     @property
     def connections(self) -> dict[tuple[int, int], Connection]:
         return self._tables.connections
+
+    @property
+    def queued_replies(self) -> int:
+        """Entries waiting for receive buffers (connections with control packets, and resets)."""
+        return len(self._tables.replies)
 
     # -- queues -------------------------------------------------------------------------------------------
     def process_queue(self, index: int) -> None:
@@ -159,43 +186,55 @@ class VirtioVsock(VirtioDevice):
 
     # -- driver to device -----------------------------------------------------------------------------------
     def _handle_tx(self, chain: DescriptorChain) -> bool:
+        readable = chain.readable
+        carried = readable.length - HDR_SIZE
+        hdr = VsockHeader.unpack(readable.read(0, HDR_SIZE)) if carried >= 0 else None
+        payload = b""
+        if hdr is not None and hdr.op == Op.RW and 0 < hdr.len <= min(carried, MAX_PAYLOAD):
+            payload = readable.read(HDR_SIZE, hdr.len)
+        # Header and payload are copies now: the buffer goes back to the driver, which may reuse it as soon
+        # as it is used (virtio 1.2, 2.7.14), and nothing below looks at guest memory (issue 13).
         self.queues[TX_QUEUE].push(chain.head, 0)
         self.stats.tx_packets += 1
-        if chain.readable.length < HDR_SIZE:
-            self._malformed(f"packet of {chain.readable.length} bytes is shorter than the header")
+        if hdr is None:
+            self._malformed(f"packet of {readable.length} bytes is shorter than the header")
             return True
-        hdr = VsockHeader.unpack(chain.readable.read(0, HDR_SIZE))
+        self._handle_packet(hdr, payload, carried)
+        return True
+
+    def _handle_packet(self, hdr: VsockHeader, payload: bytes, carried: int) -> None:
+        """One packet from the driver (``payload``: a RW packet's data; ``carried``: bytes after the header)."""
         if hdr.src_cid != self.guest_cid:
             self._malformed(f"packet from CID {hdr.src_cid}, not the guest's {self.guest_cid}")
-            return True
+            return
         problem = ""
         if hdr.dst_cid != HOST_CID:
             problem = f"no route to CID {hdr.dst_cid}"
         elif hdr.type != TYPE_STREAM:
             problem = f"socket type {hdr.type} is not supported"
-        elif hdr.len > min(chain.readable.length - HDR_SIZE, MAX_PAYLOAD):
+        elif hdr.len > min(carried, MAX_PAYLOAD):
             problem = f"{hdr.op_name} length {hdr.len} is more than the packet carries"
         elif hdr.op not in _KNOWN_OPS:
             problem = f"unknown op {hdr.op}"
         if problem:
             self._malformed(problem)
             self._reset_reply(hdr)
-            return True
+            return
         key = (hdr.dst_port, hdr.src_port)
         conn = self._tables.connections.get(key)
         if hdr.op == Op.REQUEST:
             self._guest_connect(hdr, conn)
-            return True
+            return
         if conn is None:
             self._reset_reply(hdr)
-            return True
+            return
         conn.peer_buf_alloc, conn.peer_fwd_cnt = hdr.buf_alloc, hdr.fwd_cnt
         if hdr.op == Op.RST:
             self._close(conn)
         elif hdr.op == Op.RESPONSE:
             self._guest_accepted(conn)
         elif hdr.op == Op.RW:
-            self._guest_data(conn, chain, hdr.len)
+            self._guest_data(conn, payload)
         elif hdr.op == Op.SHUTDOWN:
             conn.guest_shut |= hdr.flags & (SHUTDOWN_RCV | SHUTDOWN_SEND)
             if conn.guest_shut & SHUTDOWN_RCV:
@@ -206,7 +245,6 @@ class VirtioVsock(VirtioDevice):
         if conn.open and conn.blocked_on_credit and conn.peer_free() > 0:
             conn.blocked_on_credit = False
             self._tables.readable.append(conn)
-        return True
 
     def _malformed(self, message: str) -> None:
         self.stats.malformed += 1
@@ -215,15 +253,41 @@ class VirtioVsock(VirtioDevice):
     def _reset_reply(self, hdr: VsockHeader) -> None:
         if hdr.op == Op.RST:
             return  # never answer a reset with a reset
+        self._queue_reset(hdr.dst_port, hdr.src_port)
+
+    def _queue_reset(self, local_port: int, peer_port: int) -> None:
+        replies = self._tables.replies
+        if not replies.add_reset(local_port, peer_port):
+            self.stats.replies_dropped += 1   # MAX_QUEUED_RESETS wait: the driver posts no receive buffers
+            return
         self.stats.resets_sent += 1
-        self._tables.outgoing.append(Outgoing(hdr.dst_port, hdr.src_port, Op.RST))
+        if replies.resets > self.stats.reset_queue_peak:
+            self.stats.reset_queue_peak = replies.resets
+
+    def _warn(self, kind: str, message: str) -> None:
+        if not self._warnings.warn(kind, message):
+            self.stats.warnings_suppressed += 1
+
+    def _refuse(self, hdr: VsockHeader, reason: str) -> None:
+        """Refuse a guest REQUEST the host cannot take (RST, a counter, a rate-limited warning)."""
+        self.stats.connections_refused += 1
+        self.stats.last_error = f"{self.name}: guest connection to port {hdr.dst_port} refused: {reason}"
+        self._warn("refused", self.stats.last_error)
+        self._reset_reply(hdr)
 
     def _guest_connect(self, hdr: VsockHeader, existing: Connection | None) -> None:
-        if existing is not None or len(self._tables.connections) >= MAX_CONNECTIONS:
+        if existing is not None:
             self._reset_reply(hdr)
             return
+        if len(self._tables.connections) >= MAX_CONNECTIONS:
+            self._refuse(hdr, f"{MAX_CONNECTIONS} connections are open (MAX_CONNECTIONS)")
+            return
         path = f"{self.uds_path}_{hdr.dst_port}"
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        except OSError as exc:  # EMFILE, ENFILE, ENOBUFS: the host is out of descriptors (or memory)
+            self._refuse(hdr, f"no socket on the host: {exc.strerror or exc}")
+            return
         try:
             sock.connect(path)
         except OSError as exc:
@@ -251,10 +315,12 @@ class VirtioVsock(VirtioDevice):
             self._close(conn, reset=True)
             return
         conn.state = ConnState.ESTABLISHED
+        self._tables.host_connects -= 1
         self.stats.host_connections += 1
         self._start_reading(conn)
 
-    def _guest_data(self, conn: Connection, chain: DescriptorChain, length: int) -> None:
+    def _guest_data(self, conn: Connection, payload: bytes) -> None:
+        length = len(payload)
         if conn.state is not ConnState.ESTABLISHED or conn.guest_shut & SHUTDOWN_SEND:
             self._malformed(f"data on connection {conn.key} in state {conn.state.value}")
             self._close(conn, reset=True)
@@ -266,21 +332,17 @@ class VirtioVsock(VirtioDevice):
             return
         if not length:
             return
-        payload = chain.readable.slice(HDR_SIZE, length)
         sent = 0
         if not conn.to_socket:
-            views = payload.views()
             try:
-                sent = conn.sock.sendmsg(views, [], socket.MSG_NOSIGNAL)
+                sent = conn.sock.send(payload, socket.MSG_NOSIGNAL)
             except BlockingIOError:
                 sent = 0
             except OSError:
                 self._close(conn, reset=True)
                 return
-            finally:
-                views.clear()
         if sent < length:
-            conn.to_socket += payload.read(sent)
+            conn.to_socket += memoryview(payload)[sent:]  # within the credit: at most BUF_ALLOC bytes
             self._watch_write(conn)
         self._forwarded(conn, sent)
 
@@ -307,7 +369,10 @@ class VirtioVsock(VirtioDevice):
 
     # -- device to driver -----------------------------------------------------------------------------------
     def _send(self, conn: Connection, op: Op, flags: int = 0) -> None:
-        self._tables.outgoing.append(Outgoing(conn.local_port, conn.peer_port, op, flags))
+        if not conn.open:
+            return  # closed: its RST (if any) is queued on its own
+        if not self._tables.replies.add(conn, op, flags):
+            self.stats.replies_coalesced += 1
 
     def _fill_rx(self) -> None:
         if not self.queues or not self.queues[RX_QUEUE].ready:
@@ -315,7 +380,7 @@ class VirtioVsock(VirtioDevice):
         queue = self.queues[RX_QUEUE]
         tables = self._tables
         try:
-            while tables.outgoing or tables.readable:
+            while tables.replies or tables.readable:
                 chain = queue.pop()
                 if chain is None:
                     if queue.enable_notification():
@@ -337,10 +402,12 @@ class VirtioVsock(VirtioDevice):
     def _next_packet(self, chain: DescriptorChain) -> int | None:
         """Write the next control packet or data into ``chain``: bytes used, or None if nothing went."""
         tables = self._tables
-        if tables.outgoing:
-            out = tables.outgoing.popleft()
-            conn = tables.connections.get((out.local_port, out.peer_port))
-            chain.writable.write(self._header(out.local_port, out.peer_port, out.op, 0, out.flags, conn))
+        if tables.replies:
+            entry = tables.replies.pop()
+            if entry is None:
+                return None
+            out, owner = entry
+            chain.writable.write(self._header(out.local_port, out.peer_port, out.op, 0, out.flags, owner))
             return HDR_SIZE
         conn = tables.readable.popleft()
         if not conn.open or conn.state is not ConnState.ESTABLISHED:
@@ -433,9 +500,11 @@ class VirtioVsock(VirtioDevice):
     def _close(self, conn: Connection, *, reset: bool = False) -> None:
         if not conn.open:
             return
+        self._tables.replies.discard(conn)  # its control packets: superseded by the RST, or moot
         if reset:
-            self.stats.resets_sent += 1
-            self._send(conn, Op.RST)
+            self._queue_reset(conn.local_port, conn.peer_port)
+        if conn.state is ConnState.REQUESTED:
+            self._tables.host_connects -= 1
         self._stop_reading(conn)
         if conn.writing:
             conn.writing = False
@@ -448,18 +517,43 @@ class VirtioVsock(VirtioDevice):
     # -- host-initiated connections -------------------------------------------------------------------------
     def _accept(self) -> None:
         with self._lock:
-            while True:
+            while not self._closed:
                 try:
                     sock, _ = self._listener.accept()
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError as exc:
-                    self.stats.last_error = f"accept on {self.uds_path}: {exc.strerror or exc}"
+                    self._accept_failed(exc)
                     break
+                if len(self._clients) >= MAX_HOST_CLIENTS:
+                    self._refuse_host(f"{MAX_HOST_CLIENTS} host clients have not sent CONNECT yet (MAX_HOST_CLIENTS)")
+                    sock.close()  # never watched: closed at once
+                    continue
                 sock.setblocking(False)
                 client = HostClient(sock)
                 self._clients.add(client)
                 self.watcher.watch_read(client.fd, functools.partial(self._client_readable, client))
+
+    def _accept_failed(self, exc: OSError) -> None:
+        """Out of descriptors, the client stays in the backlog and the listener would be readable at once
+        again (a busy loop): it rests ACCEPT_RETRY_DELAY."""
+        self.stats.accept_failures += 1
+        self.stats.last_error = f"{self.name}: cannot accept on {self.uds_path}: {exc.strerror or exc}"
+        if exc.errno not in _OUT_OF_DESCRIPTORS:
+            return
+        self._warn("accept", self.stats.last_error)
+        self.watcher.unwatch_read(self._listener.fileno())
+        self.watcher.call_later(ACCEPT_RETRY_DELAY, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self.watcher.watch_read(self._listener.fileno(), self._accept)
+
+    def _refuse_host(self, reason: str) -> None:
+        self.stats.host_connects_refused += 1
+        self.stats.last_error = f"{self.name}: host connection refused: {reason}"
+        self._warn("host-refused", self.stats.last_error)
 
     def _drop_client(self, client: HostClient) -> None:
         self._clients.discard(client)
@@ -485,15 +579,20 @@ class VirtioVsock(VirtioDevice):
                     self._drop_client(client)  # closed, or not a CONNECT line
                 return
             client.sock.recv(end + 1)  # the line and nothing after it: the rest is for the guest
-            port = _parse_connect(bytes(client.line) + peek[:end])
+            port = parse_connect(bytes(client.line) + peek[:end])
             self._clients.discard(client)
             self.watcher.unwatch_read(client.fd)
-            if port is None or len(self._tables.connections) >= MAX_CONNECTIONS:
+            full = len(self._tables.connections) >= MAX_CONNECTIONS
+            if port is None or full or self._tables.host_connects >= MAX_PENDING_HOST_CONNECTS:
+                if port is not None:
+                    self._refuse_host(f"{MAX_CONNECTIONS} connections are open (MAX_CONNECTIONS)" if full else
+                                      f"{MAX_PENDING_HOST_CONNECTS} wait for the guest (MAX_PENDING_HOST_CONNECTS)")
                 self.watcher.call_soon(client.sock.close)
                 return
             conn = Connection(client.sock, local_port=self._allocate_port(port), peer_port=port,
                               state=ConnState.REQUESTED)
             self._tables.connections[conn.key] = conn
+            self._tables.host_connects += 1
             self._send(conn, Op.REQUEST)
             self.watcher.call_later(CONNECT_TIMEOUT, lambda: self._connect_timeout(conn))
         self._kick_rx()
@@ -513,45 +612,3 @@ class VirtioVsock(VirtioDevice):
                 self._close(conn, reset=True)
         self._kick_rx()
 
-
-def _parse_connect(line: bytes) -> int | None:
-    parts = line.strip().split()
-    if len(parts) != 2 or parts[0] != b"CONNECT" or not parts[1].isdigit():
-        return None
-    port = int(parts[1])
-    return port if port < U32 else None
-
-
-def _listen(path: str) -> socket.socket:
-    """A non-blocking Unix listener at ``path`` (a stale socket left there is replaced)."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        mode = None
-    except OSError as exc:
-        raise VsockError(f"vsock socket {path}: {exc.strerror}") from None
-    if mode is not None:
-        if not stat.S_ISSOCK(mode):
-            raise VsockError(f"vsock socket {path} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except ConnectionRefusedError:
-            os.unlink(path)  # stale: nobody listens
-        except OSError:
-            pass
-        else:
-            raise VsockError(f"vsock socket {path} is in use by another process")
-        finally:
-            probe.close()
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        listener.bind(path)
-        listener.listen(64)
-        listener.setblocking(False)
-    except OSError as exc:
-        listener.close()
-        if exc.errno == errno.ENAMETOOLONG or (exc.errno == errno.EINVAL and len(path) > 100):
-            raise VsockError(f"vsock socket path {path} is too long for a Unix socket") from None
-        raise VsockError(f"cannot listen on {path}: {exc.strerror or exc}") from None
-    return listener

@@ -1,14 +1,20 @@
-"""One vsock stream connection between the guest and a host Unix socket, and its credit accounting."""
+"""One vsock stream connection between the guest and a host Unix socket, its credit accounting, and the
+queue of packets without payload waiting for the guest's receive buffers."""
 
 from __future__ import annotations
 
+import collections
 import enum
 import socket
 from dataclasses import dataclass, field
 
 from kvmlet.devices.virtio.vsock_packet import U32, Op
 
-BUF_ALLOC = 256 * 1024     # bytes of guest data the device takes per connection before the host socket does
+# Bytes of guest data the device takes per connection before the host socket does: the credit it offers
+# (buf_alloc). It is also the bound on what the device buffers for one connection (``to_socket``): data
+# beyond it is a credit violation and resets the connection. With MAX_CONNECTIONS connections the device
+# holds at most MAX_CONNECTIONS x BUF_ALLOC (256 MiB) of guest data, and only while host peers do not read.
+BUF_ALLOC = 256 * 1024
 
 
 class ConnState(enum.Enum):
@@ -38,6 +44,8 @@ class Connection:
     writing: bool = False          # the socket is watched for output room
     blocked_on_credit: bool = False
     open: bool = True
+    pending: dict[Op, int] = field(default_factory=dict)  # control packets waiting for a receive buffer: op -> flags
+    queued: bool = False           # in the device's ReplyQueue (at most once)
     fd: int = -1
 
     def __post_init__(self) -> None:
@@ -77,3 +85,72 @@ class Outgoing:
     peer_port: int
     op: Op
     flags: int = 0
+
+
+class ReplyQueue:
+    """Packets without payload waiting for a receive buffer, in the order they were queued.
+
+    Two kinds of entries share one FIFO. A live connection with control packets pending (REQUEST,
+    RESPONSE, SHUTDOWN, CREDIT_UPDATE, CREDIT_REQUEST) is in it at most once and holds at most one packet
+    of each op: a second CREDIT_UPDATE while one waits is the same packet, since the header's credit
+    fields are filled in when it is written. So these entries are bounded by the connection table. A
+    reset for a connection that does not exist (a reply to a packet for no connection, or the end of one)
+    is an entry of its own: at most ``max_resets`` wait; beyond that :meth:`add_reset` drops it, so a
+    driver that posts no receive buffers cannot make the device grow (issue 13).
+    """
+
+    def __init__(self, max_resets: int) -> None:
+        self.max_resets = max_resets
+        self.resets = 0                   # resets waiting
+        self._items: collections.deque[Connection | Outgoing] = collections.deque()
+
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, conn: Connection, op: Op, flags: int = 0) -> bool:
+        """Queue ``op`` for ``conn``; False if one was already waiting (merged into it)."""
+        if op in conn.pending:
+            conn.pending[op] |= flags
+            return False
+        conn.pending[op] = flags
+        if not conn.queued:
+            conn.queued = True
+            self._items.append(conn)
+        return True
+
+    def add_reset(self, local_port: int, peer_port: int) -> bool:
+        """Queue a RST from ``local_port`` to the guest's ``peer_port``; False if ``max_resets`` wait already."""
+        if self.resets >= self.max_resets:
+            return False
+        self.resets += 1
+        self._items.append(Outgoing(local_port, peer_port, Op.RST))
+        return True
+
+    def discard(self, conn: Connection) -> None:
+        """Forget ``conn``'s packets (it is closing): a guest opening and closing connections while it posts no
+        receive buffers leaves nothing behind."""
+        conn.pending.clear()
+        if conn.queued:
+            conn.queued = False
+            self._items.remove(conn)  # at most MAX_CONNECTIONS + max_resets entries to look through
+
+    def pop(self) -> tuple[Outgoing, Connection | None] | None:
+        """The next packet and its connection (None for a reset); None when nothing is left to send."""
+        while self._items:
+            item = self._items.popleft()
+            if isinstance(item, Outgoing):
+                self.resets -= 1
+                return item, None
+            item.queued = False
+            if not item.pending:
+                continue
+            op = next(iter(item.pending))
+            flags = item.pending.pop(op)
+            if item.pending:  # the rest of its packets stay first in line
+                item.queued = True
+                self._items.appendleft(item)
+            return Outgoing(item.local_port, item.peer_port, op, flags), item
+        return None
