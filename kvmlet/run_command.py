@@ -162,7 +162,9 @@ def run_main(args: argparse.Namespace) -> int:
         return 1
     from kvmlet.eventloop import EventLoopThread
     from kvmlet.machine import MachineError, build_machine
+    from kvmlet.process import raise_open_file_limit
 
+    raise_open_file_limit()
     events = EventLoopThread()
     try:
         machine = build_machine(config, events)

@@ -103,9 +103,11 @@ def serve(options: ServeOptions) -> int:
     from kvmlet.api.server import ApiServer, bind_api_socket
     from kvmlet.config import Metrics, load_config_file
     from kvmlet.eventloop import EventLoopThread
+    from kvmlet.process import raise_open_file_limit
     from kvmlet.vcpu_kick import install_kick_handler
 
     install_kick_handler()   # on the main thread, before any VM is built from an API worker thread
+    raise_open_file_limit()
     configure_logging(options.instance_id, options.log_path, options.level, options.show_level,
                       options.show_log_origin)
     log = logging.getLogger("kvmlet.api")
