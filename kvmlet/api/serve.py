@@ -130,17 +130,11 @@ def serve(options: ServeOptions) -> int:
     server = None
     bound: Path | None = None    # the socket path this process created (and removes at the end)
     try:
-        if options.api_sock is not None:
-            listener = bind_api_socket(options.api_sock)
-            bound = options.api_sock
-            server = ApiServer(vmm, listener, max_payload=options.max_payload)
-            events.start()
-            events.run_coroutine(server.start()).result(10)
-            log.info("Listening on API socket (%s).", options.api_sock)
-        else:
-            events.start()
-        vmm.startup_us = int((time.perf_counter() - started) * 1e6)
-        threading.Thread(target=_preload, name="kvmlet-preload", daemon=True).start()
+        # the socket is bound first (a bad path fails before anything else), but answers only once the
+        # command line's configuration is in place, so no client ever sees a half-applied start-up
+        listener = bind_api_socket(options.api_sock) if options.api_sock is not None else None
+        bound = options.api_sock
+        events.start()
         from kvmlet.api.metrics import MetricsWriter
 
         def start_metrics(metrics: Metrics) -> None:
@@ -152,6 +146,8 @@ def serve(options: ServeOptions) -> int:
         vmm.metrics_hook = start_metrics
         vmm.logger_sink = lambda logger: configure_logging(
             options.instance_id, logger.log_path, logger.level, logger.show_level, logger.show_log_origin)
+        if options.console is not None:
+            vmm.config = msgspec.structs.replace(vmm.config, console=options.console)
         if options.metrics_path is not None:
             vmm.put_metrics(Metrics(metrics_path=options.metrics_path))
         if options.config_file is not None:
@@ -164,8 +160,12 @@ def serve(options: ServeOptions) -> int:
                 vmm.put_metrics(config.metrics)
             vmm.config = msgspec.structs.replace(config, metrics=vmm.config.metrics, logger=vmm.config.logger)
             vmm.instance_start()
-        elif options.console is not None:
-            vmm.config = msgspec.structs.replace(vmm.config, console=options.console)
+        if listener is not None:
+            server = ApiServer(vmm, listener, max_payload=options.max_payload)
+            events.run_coroutine(server.start()).result(10)
+            log.info("Listening on API socket (%s).", options.api_sock)
+        vmm.startup_us = int((time.perf_counter() - started) * 1e6)
+        threading.Thread(target=_preload, name="kvmlet-preload", daemon=True).start()
     except KvmletError as exc:
         print(f"kvmlet: {exc}", file=sys.stderr)
         _shutdown(vmm, server, events, bound)
