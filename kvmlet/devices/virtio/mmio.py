@@ -275,6 +275,12 @@ class MmioTransport:
             self.stats.ignored_writes += 1
             return
         if not value & 1:
+            if queue.ready and self.status & DeviceStatus.DRIVER_OK:
+                # a running device owns the chains it took from this queue: without VIRTIO_F_RING_RESET a
+                # queue stops only with a device reset, so the write is ignored (and counted) rather than
+                # letting those chains complete into a ring the driver may have taken back
+                self.stats.ignored_writes += 1
+                return
             queue.ready = False
             return
         if queue.ready:
@@ -332,6 +338,8 @@ class MmioTransport:
     def _start_device(self) -> None:
         if self.status & DeviceStatus.DEVICE_NEEDS_RESET:
             return  # an earlier error stands until the driver resets the device
+        if self.status & DeviceStatus.FAILED:
+            return  # the driver gave up: DRIVER_OK after FAILED starts nothing until a reset
         if not self.status & DeviceStatus.FEATURES_OK:
             self._set_needs_reset("DRIVER_OK without FEATURES_OK")
             return
