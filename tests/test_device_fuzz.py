@@ -33,8 +33,9 @@ SEED = 12
 HAVE_TAP = os.geteuid() == 0 and os.path.exists("/dev/net/tun")
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def fuzz() -> Iterator[None]:
+    """Every test here gives back the fuzzer's shared state (memory, TAP, the kvmlet logger) when it ends."""
     yield
     fuzz_devices.close_state()
 

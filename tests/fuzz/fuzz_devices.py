@@ -78,6 +78,7 @@ class _State:
     host: HostSide
     records: _Records
     canaries: Canaries
+    logger_settings: tuple[bool, int]   # the kvmlet logger's propagate and level before the fuzzer took it
 
 
 _state: _State | None = None
@@ -89,19 +90,24 @@ def state() -> _State:
     if _state is None:
         records = _Records()
         logger = logging.getLogger("kvmlet")
+        settings = (logger.propagate, logger.level)
         logger.addHandler(records)
         logger.propagate = False          # devices that need a reset are expected: keep the output clean
         logger.setLevel(logging.WARNING)
         with_net = os.environ.get("KVMLET_FUZZ_NET", "1") != "0"
         memory = GuestMemory(list(REGIONS), hugepages=False)
         canaries = Canaries(memory)
-        _state = _State(memory, HostSide(with_net=with_net), records, canaries)
+        _state = _State(memory, HostSide(with_net=with_net), records, canaries, settings)
     return _state
 
 
 def close_state() -> None:
     global _state
     if _state is not None:
+        logger = logging.getLogger("kvmlet")   # give the logger back as it was (other tests read its records)
+        logger.removeHandler(_state.records)
+        logger.propagate, level = _state.logger_settings
+        logger.setLevel(level)
         _state.host.close()
         _state.memory.close()
         _state.canaries.close()
