@@ -38,6 +38,7 @@ libFuzzer's options apply, and a corpus of random-mode inputs is a good start::
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -98,6 +99,7 @@ def state() -> _State:
         memory = GuestMemory(list(REGIONS), hugepages=False)
         canaries = Canaries(memory)
         _state = _State(memory, HostSide(with_net=with_net), records, canaries, settings)
+        atexit.register(close_state)   # atheris and a replay that fails end the process without closing
     return _state
 
 
