@@ -3,6 +3,10 @@
 Every read or write by guest-physical address (GPA) in kvmlet goes through :class:`GuestMemory`.
 A range that is not wholly inside one region raises :class:`GuestMemoryError`; nothing outside the
 guest's memory can be reached through it, whatever address a guest or an image supplies.
+
+While dirty tracking is on (diff snapshots, migration) it also remembers each page the VMM writes; KVM's
+dirty log covers the pages the guest writes. A restored VM's memory is the snapshot's memory file mapped
+copy on write (:meth:`GuestMemory.from_file`).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import ctypes
 import mmap
 import os
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from kvmlet.errors import KvmletError
@@ -67,6 +71,7 @@ def ram_layout(size: int) -> list[tuple[int, int]]:
     return [(0, MMIO_HOLE_START), (MMIO_HOLE_END, size - MMIO_HOLE_START)]
 
 
+_MADV_POPULATE_WRITE = 23   # Linux 5.14
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 
@@ -132,6 +137,95 @@ class GuestMemory:
             raise
         self._starts = [r.gpa for r in self.regions]
         self.size = total
+        self.private_file: str | None = None      # set by from_file: the file mapped copy-on-write
+        self._dirty: list[bytearray] | None = None  # per region, one byte per page the VMM wrote
+
+    @classmethod
+    def from_file(cls, path: str, ranges: Sequence[tuple[int, int]], *, shared: bool = False) -> GuestMemory:
+        """Guest RAM mapped from a memory file (a snapshot's): privately (copy on write) unless ``shared``.
+
+        The regions are laid out in the file one after another, as :class:`GuestMemory` lays them out in its
+        memfd. Nothing is read here: pages come in from the file as the guest (or the VMM) touches them."""
+        self = cls.__new__(cls)
+        total = sum(size for _, size in ranges)
+        flags = os.O_CLOEXEC | (os.O_RDWR if shared else os.O_RDONLY)
+        try:
+            self.fd = os.open(path, flags)
+        except OSError as exc:
+            raise GuestMemoryError(f"memory file {path}: {exc.strerror}") from None
+        self.regions = []
+        self.hugepages = False
+        try:
+            actual = os.fstat(self.fd).st_size
+            if actual != total:
+                raise GuestMemoryError(f"memory file {path} is {actual} bytes; the VM has {total} bytes of "
+                                       "memory")
+            offset = 0
+            for slot, (gpa, size) in enumerate(sorted(ranges)):
+                mapping = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE,
+                                    prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+                self.regions.append(MemoryRegion(gpa=gpa, size=size, mapping=mapping, fd=self.fd,
+                                                 fd_offset=offset, slot=slot, view=memoryview(mapping),
+                                                 host_address=_host_address(mapping)))
+                offset += size
+        except BaseException:
+            self.close()
+            raise
+        self._starts = [r.gpa for r in self.regions]
+        self.size = total
+        self.private_file = None if shared else path
+        self._dirty = None
+        return self
+
+    def populate(self, chunk: int = 2 * MiB, stop: Callable[[], bool] | None = None) -> bool:
+        """Fault in every page for writing (``MADV_POPULATE_WRITE``), chunk by chunk: for a copy-on-write
+        mapping this makes each page the VM's own copy now instead of at the guest's first write to it.
+        Releases the GIL between chunks (ctypes); ``stop()`` ends it early. False if the kernel cannot."""
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        for region in list(self.regions):
+            for offset in range(0, region.size, chunk):
+                if stop is not None and stop():
+                    return True
+                length = min(chunk, region.size - offset)
+                if libc.madvise(region.host_address + offset, length, _MADV_POPULATE_WRITE) != 0:
+                    return False
+        return True
+
+    # -- pages written by the VMM ------------------------------------------------------------------
+    @property
+    def dirty_tracking(self) -> bool:
+        return self._dirty is not None
+
+    def start_dirty_tracking(self) -> None:
+        """From now on remember each page the VMM writes (devices, loaders) until :meth:`take_dirty`."""
+        if self._dirty is None:
+            self._dirty = [bytearray(region.size // PAGE_SIZE) for region in self.regions]
+
+    def stop_dirty_tracking(self) -> None:
+        self._dirty = None
+
+    def mark_dirty(self, gpa: int, length: int) -> None:
+        """Note that the VMM wrote ``[gpa, gpa+length)`` (a no-op unless tracking is on)."""
+        dirty = self._dirty
+        if dirty is None or length <= 0:
+            return
+        index = bisect.bisect_right(self._starts, gpa) - 1
+        if index < 0:
+            return
+        region = self.regions[index]
+        first = (gpa - region.gpa) // PAGE_SIZE
+        last = min((gpa - region.gpa + length - 1) // PAGE_SIZE, len(dirty[index]) - 1)
+        if last >= first:
+            dirty[index][first:last + 1] = b"\1" * (last - first + 1)
+
+    def take_dirty(self) -> list[bytearray]:
+        """Per region, one byte per page (non-zero: written by the VMM since the last call); clears them."""
+        if self._dirty is None:
+            return [bytearray(region.size // PAGE_SIZE) for region in self.regions]
+        taken = self._dirty
+        self._dirty = [bytearray(region.size // PAGE_SIZE) for region in self.regions]
+        return taken
 
     @classmethod
     def with_size(cls, size: int, **kwargs: object) -> GuestMemory:
@@ -158,7 +252,10 @@ class GuestMemory:
         return True
 
     def view(self, gpa: int, length: int) -> memoryview:
-        """A writable memoryview of ``[gpa, gpa+length)``; the range must lie in one region."""
+        """A writable memoryview of ``[gpa, gpa+length)``; the range must lie in one region.
+
+        Whoever writes guest memory through a view calls :meth:`mark_dirty` for what it wrote (the virtqueue
+        does it for every buffer a device completes), so that diff snapshots and migration see the page."""
         region = self.region_of(gpa, length)
         start = gpa - region.gpa
         return region.view[start:start + length]
@@ -169,9 +266,13 @@ class GuestMemory:
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         self.view(gpa, len(data))[:] = data
+        if self._dirty is not None:
+            self.mark_dirty(gpa, len(data))
 
     def fill(self, gpa: int, length: int, byte: int = 0) -> None:
         view = self.view(gpa, length)
+        if self._dirty is not None:
+            self.mark_dirty(gpa, length)
         if byte == 0 and length >= PAGE_SIZE:
             self._zero(gpa, length)
         else:
@@ -204,12 +305,18 @@ class GuestMemory:
     # little-endian, the memoryview's native order.
     def write_u16(self, gpa: int, value: int) -> None:
         self.view(gpa, 2).cast("H")[0] = value
+        if self._dirty is not None:
+            self.mark_dirty(gpa, 2)
 
     def write_u32(self, gpa: int, value: int) -> None:
         self.view(gpa, 4).cast("I")[0] = value
+        if self._dirty is not None:
+            self.mark_dirty(gpa, 4)
 
     def write_u64(self, gpa: int, value: int) -> None:
         self.view(gpa, 8).cast("Q")[0] = value
+        if self._dirty is not None:
+            self.mark_dirty(gpa, 8)
 
     def read_cstring(self, gpa: int, max_length: int) -> bytes:
         """Bytes at ``gpa`` up to a NUL (exclusive), at most ``max_length``, clipped to the region."""
