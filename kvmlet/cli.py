@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-path", help="where the metrics JSON lines go")
     serve.add_argument("--console", help="serial console of the VM: stdio, file:PATH, socket:PATH or none")
     serve.add_argument("--exit-with-vm", action="store_true", help="exit when the guest ends (as Firecracker)")
+    from kvmlet.snapshot.cli import add_parser as add_snapshot_parser
+
+    add_snapshot_parser(sub)
     host = sub.add_parser("host", help="what this host offers for virtualization")
     host.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_parser("bench", add_help=False,
@@ -84,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         from kvmlet.host import host_main
 
         return host_main(json_output=args.json)
+    if args.command == "snapshot":
+        from kvmlet.snapshot.cli import main as snapshot_main
+
+        return snapshot_main(args)
     if args.command == "serve":
         from kvmlet.api.serve import ServeOptions, serve
 

@@ -15,6 +15,7 @@ import bisect
 import ctypes
 import mmap
 import os
+import re
 import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -81,6 +82,12 @@ def _punch_hole(fd: int, offset: int, length: int) -> bool:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     return int(libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)) == 0
+
+
+def nonzero_runs(pages: bytes | bytearray) -> Iterator[tuple[int, int]]:
+    """(first page, count) of each run of non-zero bytes in a one-byte-per-page map."""
+    for match in re.finditer(rb"[^\x00]+", pages):
+        yield match.start(), match.end() - match.start()
 
 
 def _host_address(mapping: mmap.mmap) -> int:
@@ -218,6 +225,15 @@ class GuestMemory:
         last = min((gpa - region.gpa + length - 1) // PAGE_SIZE, len(dirty[index]) - 1)
         if last >= first:
             dirty[index][first:last + 1] = b"\1" * (last - first + 1)
+
+    def requeue_dirty(self, pages: list[bytearray]) -> None:
+        """Put pages taken by :meth:`take_dirty` (or merged with KVM's log) back, e.g. after a failed save."""
+        if self._dirty is None:
+            return
+        for index, region_pages in enumerate(pages):
+            current = self._dirty[index]
+            for first, count in nonzero_runs(region_pages):
+                current[first:first + count] = b"\1" * count
 
     def take_dirty(self) -> list[bytearray]:
         """Per region, one byte per page (non-zero: written by the VMM since the last call); clears them."""

@@ -132,8 +132,6 @@ def test_malformed_json_and_unknown_paths(server: ApiServer) -> None:
 
 
 @pytest.mark.parametrize(("target", "body", "words"), [
-    ("/snapshot/create", {"snapshot_path": "s", "mem_file_path": "m"}, "Snapshots"),
-    ("/snapshot/load", {"snapshot_path": "s"}, "Snapshots"),
     ("/balloon", {"amount_mib": 1, "deflate_on_oom": True}, "balloon"),
     ("/mmds", {"latest": {}}, "MMDS"),
 ])

@@ -9,17 +9,19 @@ import pytest
 
 from kvmlet.cpu.state import VcpuState
 from kvmlet.kvm.cpuid import CpuidEntry
-from kvmlet.snapshot.format import FORMAT_VERSION, SnapshotError, SnapshotFile, write_snapshot
+from kvmlet.snapshot.format import FORMAT_VERSION, MemoryInfo, SnapshotError, SnapshotFile, write_snapshot
 
 VCPU = VcpuState(vcpu_id=0, cpuid=(CpuidEntry(0, 0, 0, 0xD, 0x756E6547, 0x6C65746E, 0x49656E69),), tsc_khz=2_000_000,
                  regs=bytes(range(144)), sregs=b"\x01" * 312, xsave=b"\x02" * 4096, xcrs=b"\x03" * 392,
                  debugregs=b"\x04" * 128, lapic=b"\x05" * 1024, msrs={0x10: 123, 0x2FF: 0xC06}, mp_state=0,
                  events=b"\x06" * 64)
 
+MEMORY = MemoryInfo(size=1 << 20, ranges=[(0, 1 << 20)], snapshot_type="Full", runs=[(0, 4096)], file_name="mem")
+
 
 def write(path: Path) -> None:
     write_snapshot(path, kvmlet_version="0.1.0", cpu_vendor="GenuineIntel", created_unix_ms=1,
-                   vm_config={"machine-config": {"vcpu_count": 1}}, memory={"file": "mem", "size": 1 << 20},
+                   vm_config={"machine-config": {"vcpu_count": 1}}, memory=MEMORY,
                    sections={"vcpu0": VCPU, "devices": {"serial0": {"ier": 1}}})
 
 

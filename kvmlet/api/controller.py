@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -30,6 +31,8 @@ from kvmlet.config.models import (
     Metrics,
     NetworkInterface,
     NetworkInterfaceUpdate,
+    SnapshotCreateParams,
+    SnapshotLoadParams,
     VmConfig,
     Vsock,
 )
@@ -38,6 +41,7 @@ from kvmlet.errors import ConfigError, KvmletError, StateError, UnsupportedError
 if TYPE_CHECKING:
     from kvmlet.eventloop import EventLoopThread
     from kvmlet.machine import ExitStatus, Machine
+    from kvmlet.snapshot.create import SnapshotResult
 
 log = logging.getLogger("kvmlet.api")
 NOT_SUPPORTED_AFTER_BOOT = "The requested operation is not supported after starting the microVM."
@@ -250,6 +254,54 @@ class Vmm:
             finally:
                 self._starting = False
             self.machine = machine
+
+    # -- snapshots ----------------------------------------------------------------------------------
+    def snapshot_create(self, params: SnapshotCreateParams) -> SnapshotResult:
+        """PUT /snapshot/create: the VM must be paused (Firecracker's rule); it stays paused."""
+        from kvmlet.snapshot.create import create_snapshot
+
+        with self._lock:
+            machine = self._post_boot()
+            if self.state is not InstanceState.PAUSED:
+                raise StateError(f"Create snapshot error: the microVM is {self.state.value.lower()}, not paused "
+                                 "(PATCH /vm {\"state\": \"Paused\"} first)")
+            params.validate()
+            result = create_snapshot(machine, Path(params.snapshot_path), Path(params.mem_file_path),
+                                     params.snapshot_type)
+            log.info("Snapshot created: %s, %d bytes of memory (%d dirty pages) in %.1f ms (state %.1f ms, "
+                     "memory %.1f ms, state file %.1f ms)", result.snapshot_type, result.memory_bytes,
+                     result.dirty_pages, result.total_ms, result.state_ms, result.memory_ms, result.file_ms)
+            return result
+
+    def snapshot_load(self, params: SnapshotLoadParams) -> None:
+        """PUT /snapshot/load: only into a VMM that has booted nothing and configured no boot resources."""
+        from kvmlet.snapshot.restore import load_snapshot
+
+        with self._lock:
+            self._pre_boot()
+            config = self.config
+            if config.boot_source is not None or config.drives or config.network_interfaces or config.vsock \
+                    or config.entropy is not None:
+                raise StateError("Loading a microVM snapshot not allowed after configuring boot-specific "
+                                 "resources.")
+            self._starting = True
+            try:
+                machine = load_snapshot(params, self.events, console_spec=config.console)
+                machine.on_stop.append(self._machine_stopped)
+                try:
+                    machine.start(paused=not params.resume_vm)
+                except BaseException:
+                    machine.close()
+                    raise
+            except KvmletError as exc:
+                raise StartError(f"Load snapshot error: {exc}") from None
+            finally:
+                self._starting = False
+            self.machine = machine
+            from kvmlet.config import to_builtins
+
+            restored = msgspec.convert(to_builtins(machine.config), VmConfig)
+            self.config = msgspec.structs.replace(restored, logger=config.logger, metrics=config.metrics)
 
     def _machine_stopped(self, status: ExitStatus) -> None:
         """The guest (or the VMM) ended the VM; called on the thread that ended it, often a vCPU's."""

@@ -71,8 +71,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Firecracker v{VMM_VERSION} (kvmlet)\n")
         return 0
     if args.describe_snapshot:
-        print("kvmlet-firecracker: snapshots are not supported by kvmlet yet", file=sys.stderr)
-        return 1
+        from kvmlet.errors import KvmletError
+        from kvmlet.snapshot.format import FORMAT_VERSION, SnapshotFile
+
+        try:
+            SnapshotFile(Path(args.describe_snapshot))
+        except KvmletError as exc:
+            print(f"kvmlet-firecracker: {exc}", file=sys.stderr)
+            return 1
+        print(f"v{FORMAT_VERSION}.0.0")   # Firecracker prints the snapshot's data format version
+        return 0
     if args.no_api and args.config_file is None:
         print("kvmlet-firecracker: --no-api needs --config-file", file=sys.stderr)
         return EXIT_ARGUMENT_PARSING

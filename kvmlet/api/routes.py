@@ -28,6 +28,8 @@ from kvmlet.config.models import (
     Metrics,
     NetworkInterface,
     NetworkInterfaceUpdate,
+    SnapshotCreateParams,
+    SnapshotLoadParams,
     Vsock,
 )
 from kvmlet.errors import ConfigError
@@ -165,6 +167,18 @@ def patch_vm(vmm: Vmm, body: bytes, ident: str) -> Response:
     return _no_content(vmm.pause if state == "Paused" else vmm.resume)
 
 
+def put_snapshot_create(vmm: Vmm, body: bytes, ident: str) -> Response:
+    params = decode(body, SnapshotCreateParams)
+
+    def create() -> None:
+        vmm.snapshot_create(params)
+    return _no_content(create)
+
+
+def put_snapshot_load(vmm: Vmm, body: bytes, ident: str) -> Response:
+    return _no_content(lambda: vmm.snapshot_load(decode(body, SnapshotLoadParams)))
+
+
 def _unsupported(what: str) -> Handler:
     def handler(vmm: Vmm, body: bytes, ident: str) -> Response:
         vmm.unsupported(what)
@@ -172,7 +186,6 @@ def _unsupported(what: str) -> Handler:
     return handler
 
 
-SNAPSHOTS = "Snapshots are not supported by kvmlet yet."
 BALLOON = "The balloon device is not supported by kvmlet."
 MMDS = "MMDS (the microVM metadata service) is not supported by kvmlet."
 
@@ -197,8 +210,8 @@ ROUTES: tuple[Route, ...] = (
     Route("PUT", "/cpu-config", put_cpu_config, True),
     Route("PUT", "/actions", put_actions, True),
     Route("PATCH", "/vm", patch_vm, True),
-    Route("PUT", "/snapshot/create", _unsupported(SNAPSHOTS), True),
-    Route("PUT", "/snapshot/load", _unsupported(SNAPSHOTS), True),
+    Route("PUT", "/snapshot/create", put_snapshot_create, True),
+    Route("PUT", "/snapshot/load", put_snapshot_load, True),
     Route("PUT", "/balloon", _unsupported(BALLOON), True),
     Route("PATCH", "/balloon", _unsupported(BALLOON), True),
     Route("GET", "/balloon", _unsupported(BALLOON), False),

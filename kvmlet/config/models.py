@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from kvmlet.errors import ConfigError
+from kvmlet.errors import ConfigError, UnsupportedError
 
 MiB = 1 << 20
 DEFAULT_MEM_SIZE_MIB = 128
@@ -334,11 +334,13 @@ class VmConfig(Model):
     cpu_config: CpuConfig | None = msgspec.field(default=None, name="cpu-config")
     console: str = "stdio"   # kvmlet extension: stdio | file:PATH | socket:PATH | none
 
-    def validate(self, max_vcpus: int | None = None) -> None:
-        """Every check that can be made before a VM exists (files included)."""
-        if self.boot_source is None:
-            raise ConfigError("boot-source is missing: give kernel_image_path (PUT /boot-source, or --kernel)")
-        self.boot_source.validate()
+    def validate(self, max_vcpus: int | None = None, *, restoring: bool = False) -> None:
+        """Every check that can be made before a VM exists (files included). A VM ``restoring`` from a
+        snapshot boots nothing: its kernel need not exist any more."""
+        if not restoring:
+            if self.boot_source is None:
+                raise ConfigError("boot-source is missing: give kernel_image_path (PUT /boot-source, or --kernel)")
+            self.boot_source.validate()
         self.machine_config.validate(max_vcpus)
         check_console(self.console)
         unique([d.drive_id for d in self.drives], "drive_id")
@@ -429,3 +431,82 @@ def check_console(spec: str) -> None:
     if kind in ("file", "socket"):
         raise ConfigError(f"console {spec!r} needs a path after '{kind}:'")
     raise ConfigError(f"console {spec!r} is not one of {CONSOLE_SPECS}")
+
+
+# -- snapshots --------------------------------------------------------------------------------------
+SnapshotType = Literal["Full", "Diff"]
+MemCopy = Literal["none", "background"]
+DEFAULT_MEM_COPY: MemCopy = "none"
+
+
+class SnapshotCreateParams(Model):
+    """``PUT /snapshot/create``: save the paused VM to a state file and a memory file."""
+
+    snapshot_path: str
+    mem_file_path: str
+    snapshot_type: SnapshotType = "Full"
+
+    def validate(self) -> None:
+        for field_name in ("snapshot_path", "mem_file_path"):
+            path = Path(getattr(self, field_name))
+            if not path.parent.is_dir():
+                raise ConfigError(f"snapshot: {field_name} {path}: directory {path.parent} does not exist")
+        if Path(self.snapshot_path).resolve() == Path(self.mem_file_path).resolve():
+            raise ConfigError("snapshot: snapshot_path and mem_file_path are the same file")
+
+
+class MemBackend(Model):
+    """Where a restored guest's memory comes from (Firecracker's ``mem_backend``)."""
+
+    backend_type: Literal["File", "Uffd"]
+    backend_path: str
+
+
+class NetworkOverride(Model):
+    """A restored network interface attached to another TAP (clones need one each)."""
+
+    iface_id: str
+    host_dev_name: str
+
+
+class DriveOverride(Model):
+    """kvmlet extension: a restored drive backed by another file (a clone's own copy of the disk)."""
+
+    drive_id: str
+    path_on_host: str
+
+
+class VsockOverride(Model):
+    """A restored vsock device listening on another Unix socket."""
+
+    uds_path: str
+
+
+class SnapshotLoadParams(Model):
+    """``PUT /snapshot/load``: build the VM from a snapshot instead of booting it."""
+
+    snapshot_path: str
+    mem_file_path: str | None = None          # deprecated by Firecracker in favour of mem_backend
+    mem_backend: MemBackend | None = None
+    enable_diff_snapshots: bool = False       # deprecated by Firecracker: track_dirty_pages
+    track_dirty_pages: bool = False
+    resume_vm: bool = False
+    network_overrides: list[NetworkOverride] = msgspec.field(default_factory=list)
+    vsock_override: VsockOverride | None = None
+    drive_overrides: list[DriveOverride] = msgspec.field(default_factory=list)   # kvmlet
+    mem_copy: MemCopy = DEFAULT_MEM_COPY      # kvmlet: "background" copies the memory file in ahead of the guest
+
+    @property
+    def memory_path(self) -> str:
+        if self.mem_backend is not None:
+            return self.mem_backend.backend_path
+        assert self.mem_file_path is not None
+        return self.mem_file_path
+
+    def validate(self) -> None:
+        if (self.mem_file_path is None) == (self.mem_backend is None):
+            raise ConfigError("snapshot load: give exactly one of mem_backend and mem_file_path")
+        if self.mem_backend is not None and self.mem_backend.backend_type == "Uffd":
+            raise UnsupportedError("snapshot load: the Uffd memory backend is not supported (use File)")
+        unique([o.iface_id for o in self.network_overrides], "network_overrides iface_id")
+        unique([o.drive_id for o in self.drive_overrides], "drive_overrides drive_id")

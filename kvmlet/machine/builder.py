@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from kvmlet.boot.loader import KernelImage
     from kvmlet.devices.legacy.console import Console
     from kvmlet.eventloop import EventLoopThread
+    from kvmlet.memory import GuestMemory
 
 REQUIRED_CAPS = ((c.Cap.IRQCHIP, "the in-kernel interrupt controllers"), (c.Cap.IRQFD, "device interrupts"),
                  (c.Cap.IOEVENTFD, "device notifications"), (c.Cap.USER_MEMORY, "guest memory"),
@@ -69,8 +70,9 @@ def build_machine(config: VmConfig, events: EventLoopThread, *, console: Console
     return machine
 
 
-def open_kvm(machine: Machine) -> None:
-    """Open /dev/kvm, require what kvmlet needs, check the configuration against this host."""
+def open_kvm(machine: Machine, *, restoring: bool = False) -> None:
+    """Open /dev/kvm, require what kvmlet needs, check the configuration against this host (``restoring``:
+    a snapshot's, which boots no kernel)."""
     from kvmlet.kvm.system import Kvm
     from kvmlet.vcpu_kick import install_kick_handler
 
@@ -78,7 +80,7 @@ def open_kvm(machine: Machine) -> None:
     machine.kvm = kvm = Kvm()
     for cap, purpose in REQUIRED_CAPS:
         kvm.require(cap, purpose)
-    machine.config.validate(kvm.max_vcpus)
+    machine.config.validate(kvm.max_vcpus, restoring=restoring)
 
 
 def read_images(machine: Machine, kernel_image: bytes | None = None) -> tuple[KernelImage, bytes | None]:
@@ -115,24 +117,33 @@ def _pvm_host() -> bool:
     return detect_backend() is Backend.PVM
 
 
-def create_vm(machine: Machine) -> None:
-    """The KVM VM, its guest memory slots, interrupt controllers, GSI routing and timer."""
+def create_vm(machine: Machine, memory: GuestMemory | None = None) -> None:
+    """The KVM VM, its guest memory slots (``memory``, or new zeroed memory), interrupt controllers, GSI
+    routing and timer; dirty-page logging from the start if the configuration tracks dirty pages."""
     from kvmlet.devices.manager import DeviceManager
     from kvmlet.memory import GuestMemory, GuestMemoryError
+    from kvmlet.snapshot.dirty import DirtyLog
 
     assert machine.kvm is not None
+    if memory is not None:
+        machine.memory = memory   # owned by the machine from here on (closed with it)
     machine.vm = vm = machine.kvm.create_vm()
     vm.set_tss_address()
     vm.set_identity_map_address()
     size = machine.config.machine_config.memory_bytes
-    try:
-        machine.memory = memory = GuestMemory.with_size(size)
-    except GuestMemoryError as exc:
-        raise MachineError(f"guest memory: {exc}") from None
-    except OSError as exc:
-        raise MachineError(f"cannot allocate {size >> 20} MiB of guest memory: {exc.strerror}") from None
+    if memory is None:
+        try:
+            machine.memory = memory = GuestMemory.with_size(size)
+        except GuestMemoryError as exc:
+            raise MachineError(f"guest memory: {exc}") from None
+        except OSError as exc:
+            raise MachineError(f"cannot allocate {size >> 20} MiB of guest memory: {exc.strerror}") from None
+    track = machine.config.machine_config.track_dirty_pages
     for region in memory.regions:
-        vm.set_user_memory_region(region.slot, region.gpa, region.size, region.host_address)
+        vm.set_user_memory_region(region.slot, region.gpa, region.size, region.host_address, log_dirty=track)
+    machine.dirty_log = DirtyLog(vm, memory)
+    if track:
+        machine.dirty_log.start()
     vm.create_irqchip()
     machine.devices = DeviceManager(vm, memory, machine.events, machine.pio, machine.mmio)
     machine.devices.routing.set_pc_routes()

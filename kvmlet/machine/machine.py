@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from kvmlet.kvm.vcpu import Vcpu
     from kvmlet.kvm.vm import Vm
     from kvmlet.memory import GuestMemory
+    from kvmlet.snapshot.dirty import DirtyLog
 
 
 class Machine:
@@ -61,6 +62,10 @@ class Machine:
         self.on_stop: list[Callable[[ExitStatus], None]] = []
         self.on_first_byte: list[Callable[[], None]] = []   # called once, on the vCPU thread
         self._stats_readers: dict[int, StatsReader] = {}
+        self.dirty_log: DirtyLog | None = None      # set by create_vm; enabled for diff snapshots
+        self.generation_id = b""                     # the VM generation ID (VMGENID) the guest sees
+        self.restored_from: str | None = None        # the snapshot this machine was restored from
+        self.background_copy_ms: float | None = None  # a restore's background copy of its memory file
 
     @property
     def serial(self) -> Serial8250 | None:
@@ -142,7 +147,9 @@ class Machine:
         return out
 
     # -- lifecycle (any thread; transitions are serialized) -------------------------------------------
-    def start(self) -> None:
+    def start(self, *, paused: bool = False) -> None:
+        """Run the vCPUs; ``paused``: start their threads parked (no guest instruction runs) and the
+        devices held, as after :meth:`pause` (a restored VM that is not to resume yet)."""
         with self._state_lock:
             if self.state is not VmState.CONFIGURED or self.vm is None:
                 raise StateError(f"cannot start a VM that is {self.state.value}")
@@ -151,9 +158,18 @@ class Machine:
                 self.console.start(self.legacy.serial.enqueue_input, self.events)
             self._open_stats()
             self.timeline.mark("start")
+            if paused:
+                if self.devices is not None:
+                    self.devices.pause()
+                for thread in self.threads:
+                    thread.request_pause()
             self.state = VmState.RUNNING
             for thread in self.threads:
                 thread.start()
+            if paused:
+                for thread in self.threads:
+                    thread.wait_paused(5.0)
+                self.state = VmState.PAUSED
 
     def _open_stats(self) -> None:
         """Each vCPU's binary-stats fd, opened before its thread runs: KVM_GET_STATS_FD is a vCPU ioctl and
@@ -210,12 +226,16 @@ class Machine:
                     for other in self.threads:  # leave the VM running, not half paused
                         other.resume()
                     raise MachineError(f"vCPU {thread.vcpu.id} did not pause within {timeout:g} s")
+            if self.devices is not None:
+                self.devices.pause()    # and the devices: guest memory is still from here on
             self.state = VmState.PAUSED
 
     def resume(self) -> None:
         with self._state_lock:
             if self.state is not VmState.PAUSED:
                 raise StateError(f"cannot resume a VM that is {self._state_name()}")
+            if self.devices is not None:
+                self.devices.resume()
             for thread in self.threads:
                 thread.resume()
             self.state = VmState.RUNNING

@@ -43,17 +43,31 @@ class SectionInfo(msgspec.Struct, forbid_unknown_fields=True):
     sha256: str
 
 
+class MemoryInfo(msgspec.Struct, forbid_unknown_fields=True):
+    """The memory file that goes with a state file: guest RAM laid out region after region."""
+
+    size: int                          # bytes: the file's size and the guest's RAM
+    ranges: list[tuple[int, int]]      # (guest-physical address, size) of each region, in file order
+    snapshot_type: str                 # "Full", or "Diff": only the pages written since the last snapshot
+    runs: list[tuple[int, int]]        # (file offset, length) of what the file holds (the rest are holes)
+    file_name: str = ""                # the memory file's name when written (informational)
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(length for _, length in self.runs)
+
+
 class SnapshotHeader(msgspec.Struct, forbid_unknown_fields=True):
     kvmlet_version: str
     cpu_vendor: str
     created_unix_ms: int
     vm_config: dict[str, Any]
-    memory: dict[str, Any]
+    memory: MemoryInfo
     sections: list[SectionInfo]
 
 
 def write_snapshot(path: Path, *, kvmlet_version: str, cpu_vendor: str, created_unix_ms: int,
-                   vm_config: dict[str, Any], memory: dict[str, Any], sections: dict[str, object]) -> None:
+                   vm_config: dict[str, Any], memory: MemoryInfo, sections: dict[str, object]) -> None:
     """Write the state file atomically (a temporary file renamed over ``path``)."""
     encoder = msgspec.msgpack.Encoder()
     payloads = {name: encoder.encode(value) for name, value in sections.items()}
@@ -139,9 +153,13 @@ class SnapshotFile:
     def describe(self) -> str:
         """What the file holds, for ``--describe-snapshot``."""
         header = self.header
+        memory = header.memory
+        machine = header.vm_config.get("machine-config", {})
         lines = [f"kvmlet snapshot format v{FORMAT_VERSION}, written by kvmlet {header.kvmlet_version} on a "
-                 f"{header.cpu_vendor} host",
-                 f"memory: {header.memory}"]
+                 f"{header.cpu_vendor} host at {header.created_unix_ms} ms (Unix time)",
+                 f"machine: {machine.get('vcpu_count', 1)} vCPUs, {memory.size >> 20} MiB of memory",
+                 f"memory file: {memory.snapshot_type} snapshot, {memory.data_bytes} bytes of data in "
+                 f"{len(memory.runs)} runs (written as {memory.file_name or 'unnamed'})"]
         lines += [f"section {info.name}: {info.length} bytes, sha256 {info.sha256[:16]}..."
                   for info in header.sections]
         return "\n".join(lines)

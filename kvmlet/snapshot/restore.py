@@ -1,0 +1,158 @@
+"""Building a machine from a snapshot instead of booting it.
+
+Everything that can be refused is checked before a VM exists: the state file (magic, version, every
+section's checksum), the memory file (there, of the right size), the host (same CPU vendor, a KVM that can
+give each vCPU its saved CPUID), the configuration with its overrides. Then the machine is built with the
+builder's steps minus the kernel: memory is the memory file mapped copy on write (restore time does not
+grow with memory size), the devices are built from the snapshot's configuration (drive files, TAPs and the
+vsock socket can be overridden, so clones each get their own) and given their saved state, the VM's
+interrupt controllers, timer and clock and each vCPU's state are set, and the VM generation ID changes.
+The machine returned has not run: ``start()`` runs it, ``start(paused=True)`` leaves it paused.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from kvmlet.config.models import SnapshotLoadParams, VmConfig
+from kvmlet.cpu import state as cpu_state
+from kvmlet.errors import ConfigError
+from kvmlet.kvm.cpuid import CpuidEntry
+from kvmlet.snapshot import vm_state
+from kvmlet.snapshot.create import SECTION_DEVICES, SECTION_VM, vcpu_section
+from kvmlet.snapshot.format import SnapshotError, SnapshotFile
+from kvmlet.snapshot.memory_file import check_memory_file
+
+if TYPE_CHECKING:
+    from kvmlet.devices.legacy.console import Console
+    from kvmlet.eventloop import EventLoopThread
+    from kvmlet.machine import Machine
+
+
+def snapshot_vm_config(snapshot: SnapshotFile, params: SnapshotLoadParams, console: str | None) -> VmConfig:
+    """The snapshot's configuration with the load request's overrides applied."""
+    try:
+        config = msgspec.convert(snapshot.header.vm_config, VmConfig)
+    except msgspec.ValidationError as exc:
+        raise SnapshotError(f"snapshot {snapshot.path}: its VM configuration cannot be read: {exc}") from None
+    drives = {d.drive_id: d for d in config.drives}
+    for drive_override in params.drive_overrides:
+        if drive_override.drive_id not in drives:
+            raise ConfigError(f"drive_overrides: the snapshot has no drive {drive_override.drive_id!r}")
+        drives[drive_override.drive_id] = msgspec.structs.replace(drives[drive_override.drive_id],
+                                                                  path_on_host=drive_override.path_on_host)
+    nets = {n.iface_id: n for n in config.network_interfaces}
+    for net_override in params.network_overrides:
+        if net_override.iface_id not in nets:
+            raise ConfigError(f"network_overrides: the snapshot has no network interface {net_override.iface_id!r}")
+        nets[net_override.iface_id] = msgspec.structs.replace(nets[net_override.iface_id],
+                                                              host_dev_name=net_override.host_dev_name)
+    vsock = config.vsock
+    if params.vsock_override is not None:
+        if vsock is None:
+            raise ConfigError("vsock_override: the snapshot has no vsock device")
+        vsock = msgspec.structs.replace(vsock, uds_path=params.vsock_override.uds_path)
+    machine_config = config.machine_config
+    if params.track_dirty_pages or params.enable_diff_snapshots:
+        machine_config = msgspec.structs.replace(machine_config, track_dirty_pages=True)
+    return msgspec.structs.replace(config, drives=list(drives.values()), network_interfaces=list(nets.values()),
+                                   vsock=vsock, machine_config=machine_config,
+                                   console=console if console is not None else config.console)
+
+
+def check_host(snapshot: SnapshotFile, vcpus: list[cpu_state.VcpuState], supported: list[CpuidEntry]) -> None:
+    """Refuse a snapshot this host cannot run: another CPU vendor, or CPUID features KVM cannot give."""
+    host_vendor = vm_state.cpu_vendor(supported)
+    if snapshot.header.cpu_vendor != host_vendor:
+        raise SnapshotError(f"snapshot {snapshot.path} was taken on a {snapshot.header.cpu_vendor} host; this host "
+                            f"is {host_vendor}")
+    for state in vcpus:
+        missing = vm_state.cpuid_differences(state.cpuid, supported)
+        if missing:
+            raise SnapshotError(f"snapshot {snapshot.path}: this host cannot give vCPU {state.vcpu_id} its CPUID: "
+                                f"{'; '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} not available")
+
+
+def load_snapshot(params: SnapshotLoadParams, events: EventLoopThread, *, console: Console | None = None,
+                  console_spec: str | None = None) -> Machine:
+    """A machine restored from ``params.snapshot_path``, not yet running; nothing is left behind on failure."""
+    from kvmlet.devices.state import DeviceState
+    from kvmlet.devices.vmgenid import write_generation_id
+    from kvmlet.machine import Machine
+    from kvmlet.machine.builder import add_devices, create_vcpus, create_vm, open_kvm
+    from kvmlet.memory import GuestMemory, GuestMemoryError
+
+    params.validate()
+    snapshot = SnapshotFile(Path(params.snapshot_path))
+    memory_path = Path(params.memory_path)
+    info = snapshot.header.memory
+    check_memory_file(memory_path, info)
+    config = snapshot_vm_config(snapshot, params, console_spec)
+    count = config.machine_config.vcpu_count
+    vm = snapshot.section(SECTION_VM, vm_state.VmState)
+    vcpus = [snapshot.section(vcpu_section(index), cpu_state.VcpuState) for index in range(count)]
+    devices = snapshot.section(SECTION_DEVICES, dict[str, DeviceState])
+    if sum(length for _, length in info.ranges) != config.machine_config.memory_bytes:
+        raise SnapshotError(f"snapshot {snapshot.path}: its memory ranges do not add up to mem_size_mib")
+
+    machine = Machine(config, events, console)
+    machine.timeline.mark("snapshot-read")
+    try:
+        open_kvm(machine, restoring=True)
+        assert machine.kvm is not None
+        check_host(snapshot, vcpus, machine.kvm.supported_cpuid())
+        try:
+            memory = GuestMemory.from_file(str(memory_path), info.ranges)
+        except GuestMemoryError as exc:
+            raise SnapshotError(str(exc)) from None
+        create_vm(machine, memory=memory)
+        add_devices(machine)
+        assert machine.devices is not None and machine.vm is not None
+        machine.devices.restore_state(devices)
+        create_vcpus(machine, boot=False)
+        vm_state.restore(machine.vm, vm)
+        for vcpu, state in zip(machine.vcpus, vcpus, strict=True):
+            machine.warnings.extend(cpu_state.restore(vcpu, state))
+        machine.generation_id = write_generation_id(memory)
+        machine.restored_from = str(snapshot.path)
+        machine.timeline.mark("restored")
+    except ValueError as exc:      # a saved state that does not fit (version, sizes)
+        _close_quietly(machine)
+        raise SnapshotError(f"snapshot {snapshot.path}: {exc}") from None
+    except BaseException:
+        _close_quietly(machine)
+        raise
+    if params.mem_copy == "background":
+        start_background_copy(machine)
+    return machine
+
+
+def _close_quietly(machine: Machine) -> None:
+    from kvmlet.machine.state import MachineError
+
+    try:
+        machine.close()
+    except MachineError:
+        pass   # the restore failure is the error worth reporting
+
+
+def start_background_copy(machine: Machine) -> threading.Thread:
+    """Copy the memory file's pages into the VM's own memory ahead of the guest (copy-on-write breaks now,
+    not at the guest's first write); stops when the machine closes."""
+    memory = machine.memory
+    assert memory is not None
+
+    def copy() -> None:
+        started = time.perf_counter()
+        done = memory.populate(stop=lambda: machine.memory is not memory)
+        machine.timeline.mark("memory-copied" if done else "memory-copy-unavailable")
+        machine.background_copy_ms = (time.perf_counter() - started) * 1000
+
+    thread = threading.Thread(target=copy, name="kvmlet-memcopy", daemon=True)
+    thread.start()
+    return thread
