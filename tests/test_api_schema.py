@@ -64,6 +64,9 @@ MODELS: dict[str, type[msgspec.Struct]] = {
     "CpuConfig": models.CpuConfig, "CpuidLeafModifier": models.CpuidLeafModifier,
     "CpuidRegisterModifier": models.CpuidRegisterModifier, "MsrModifier": models.MsrModifier,
     "InstanceActionInfo": Action, "Vm": VmStateChange,
+    "SnapshotCreateParams": models.SnapshotCreateParams, "SnapshotLoadParams": models.SnapshotLoadParams,
+    "MemBackend": models.MemBackend, "NetworkOverride": models.NetworkOverride,
+    "DriveOverride": models.DriveOverride, "VsockOverride": models.VsockOverride,
 }
 BODIES = {
     ("PUT", "/boot-source"): "BootSource", ("PUT", "/machine-config"): "MachineConfig",
@@ -72,6 +75,7 @@ BODIES = {
     ("PATCH", "/network-interfaces/{iface_id}"): "NetworkInterfaceUpdate", ("PUT", "/vsock"): "Vsock",
     ("PUT", "/entropy"): "Entropy", ("PUT", "/logger"): "Logger", ("PUT", "/metrics"): "Metrics",
     ("PUT", "/cpu-config"): "CpuConfig", ("PUT", "/actions"): "InstanceActionInfo", ("PATCH", "/vm"): "Vm",
+    ("PUT", "/snapshot/create"): "SnapshotCreateParams", ("PUT", "/snapshot/load"): "SnapshotLoadParams",
 }
 GUEST_ARGS = "console=ttyS0 kvmlet.test=ctrlaltdel kvmlet.timeout=0"   # the guest waits for Ctrl+Alt+Del
 

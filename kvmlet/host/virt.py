@@ -211,6 +211,16 @@ def pml_feature(state: VirtState) -> Feature:
     return switch_feature("PML", PML, state)
 
 
+def snapshot_tsc_feature(state: VirtState) -> Feature:
+    """Whether a snapshot's restore gives the guest back its TSC (PLATFORM.md: not under PVM)."""
+    if state.backend is Backend.PVM:
+        return Feature("Snapshot TSC", X, "PVM ignores IA32_TSC writes: a restored guest's TSC is the host's "
+                                          "(it jumps by the downtime); kvmclock is restored")
+    if state.backend is Backend.NONE:
+        return Feature("Snapshot TSC", X, "no KVM back end")
+    return Feature("Snapshot TSC", A, "restored from the snapshot (IA32_TSC, the guest's offset) with kvmclock")
+
+
 def virt_features(state: VirtState) -> list[Feature]:
     return [
         hardware_feature(state),
@@ -222,6 +232,7 @@ def virt_features(state: VirtState) -> list[Feature]:
         apic_virt_feature(state),
         unrestricted_guest_feature(state),
         pml_feature(state),
+        snapshot_tsc_feature(state),
     ]
 
 
