@@ -33,8 +33,6 @@
  */
 #include "virtio.h"
 
-#define VIRTIO_BLK_T_IN 0
-#define VIRTIO_BLK_S_OK 0
 #define SECTOR 512
 #define BIG_ENTRIES 32768            /* what a 16-bit-sized queue could hold: the most a table can claim */
 #define PIT_HZ 1193182

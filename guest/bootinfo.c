@@ -8,6 +8,7 @@
 #include "guest.h"
 
 /* boot_params offsets */
+#define BP_ACPI_RSDP_ADDR   0x070 /* u64: the RSDP (boot protocol 2.14); 0 if not given */
 #define BP_EXT_CMD_LINE_PTR 0x0c8 /* u32: bits 63:32 of the command line address */
 #define BP_E820_ENTRIES     0x1e8 /* u8 */
 #define BP_CMD_LINE_PTR     0x228 /* u32, in setup_header */
@@ -75,6 +76,7 @@ static void from_boot_params(uint64_t bp)
     const struct bp_e820_entry *e = (const void *)(p + BP_E820_TABLE);
     for (unsigned i = 0; i < n; i++)
         add_e820(e[i].addr, e[i].size, e[i].type);
+    boot.rsdp_paddr = *(const uint64_t *)(p + BP_ACPI_RSDP_ADDR);
     uint64_t cmd = *(const uint32_t *)(p + BP_CMD_LINE_PTR) | (uint64_t)*(const uint32_t *)(p + BP_EXT_CMD_LINE_PTR) << 32;
     copy_cmdline(cmd);
 }
@@ -87,6 +89,7 @@ static void from_hvm_start_info(uint64_t si_paddr)
         return;
     }
     copy_cmdline(si->cmdline_paddr);
+    boot.rsdp_paddr = si->rsdp_paddr;
     if (si->version < 1 || !si->memmap_paddr)
         return;
     const struct hvm_memmap_entry *e = phys(si->memmap_paddr);

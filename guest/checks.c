@@ -14,7 +14,7 @@ const char *check_serial(void)
 }
 
 /* True if RAM (type 1) entries cover [start, end) without gaps. */
-static bool ram_covers(uint64_t start, uint64_t end)
+bool ram_covers(uint64_t start, uint64_t end)
 {
     uint64_t cur = start;
     while (cur < end) {

@@ -44,6 +44,7 @@ struct e820_entry {
 struct bootinfo {
     int kind;            /* BOOT_64BIT or BOOT_PVH */
     uint64_t info_paddr; /* boot_params or hvm_start_info */
+    uint64_t rsdp_paddr; /* ACPI RSDP from boot_params.acpi_rsdp_addr or hvm_start_info; 0 if not given */
     unsigned e820_count;
     struct e820_entry e820[E820_MAX];
     char cmdline[CMDLINE_MAX];
@@ -182,6 +183,17 @@ const char *check_virtio_vsock(void);
 const char *check_attack_blk_charge(void), *check_attack_blk_reset(void), *check_attack_blk_storm(void), *check_attack_blk_usedlen(void); /* attack_blk.c */
 const char *check_attack_indirect_long(void), *check_attack_queue_flood(void); /* attack_queue.c */
 const char *check_attack_vsock_reuse(void), *check_attack_vsock_conns(void), *check_attack_vsock_flood(void); /* attack_vsock.c */
+
+const char *check_vmgenid(void);  /* vmgenid.c: the ACPI VM generation ID */
+const char *check_snapwork(void); /* snapwork.c: the snapshot workload */
+
+/* checks.c */
+bool ram_covers(uint64_t start, uint64_t end); /* e820 RAM covers [start, end) */
+
+/* guard.c: timeouts that a TSC jump (a snapshot restore) cannot expire early; seconds 0 = never */
+struct time_guard { uint64_t last, elapsed, limit; };
+void guard_start(struct time_guard *g, uint64_t seconds);
+bool guard_expired(struct time_guard *g); /* call at least every few ms while waiting */
 
 /* main.c */
 void __attribute__((noreturn)) guest_exit(unsigned status);

@@ -28,6 +28,7 @@ static const struct check checks[] = {
     { "attack-blk-charge", check_attack_blk_charge }, { "attack-blk-reset", check_attack_blk_reset }, { "attack-blk-storm", check_attack_blk_storm }, { "attack-blk-usedlen", check_attack_blk_usedlen },
     { "attack-indirect-long", check_attack_indirect_long }, { "attack-queue-flood", check_attack_queue_flood },
     { "attack-vsock-reuse", check_attack_vsock_reuse }, { "attack-vsock-conns", check_attack_vsock_conns }, { "attack-vsock-flood", check_attack_vsock_flood },
+    { "vmgenid", check_vmgenid },     { "snapwork", check_snapwork },
 };
 
 unsigned checks_passed, checks_failed;

@@ -184,6 +184,27 @@ static inline uint64_t rdtsc_now(void)
 static inline void barrier(void) { __asm__ volatile("" ::: "memory"); }
 static inline void mfence(void) { __asm__ volatile("mfence" ::: "memory"); }
 
+/* virtio-blk request types and status values (5.2.6) */
+#define VIRTIO_BLK_T_IN     0
+#define VIRTIO_BLK_T_OUT    1
+#define VIRTIO_BLK_T_FLUSH  4
+#define VIRTIO_BLK_T_GET_ID 8
+#define VIRTIO_BLK_S_OK     0
+#define VIRTIO_BLK_S_IOERR  1
+#define VIRTIO_BLK_S_UNSUPP 2
+
+/* virtio_blk.c: the first virtio-blk device for checks in other files (snapwork); call at CPL3. */
+#define VBLK_SLOTS 32 /* requests in flight, each with its header and status byte */
+struct vblk {
+    struct virtio_dev *d;
+    struct virtq *q;
+    uint64_t capacity; /* 512-byte sectors */
+    bool ro, flush;    /* VIRTIO_BLK_F_RO, VIRTIO_BLK_F_FLUSH negotiated */
+};
+const char *vblk_open(bool interrupts, struct vblk *out); /* resets the DMA pool, ends at DRIVER_OK */
+int vblk_submit(unsigned slot, uint32_t type, uint64_t sector, void *data, uint32_t len, bool device_writes);
+unsigned vblk_status(unsigned slot); /* the status byte of the request in `slot` (0xff until completed) */
+
 uint32_t crc32_ieee(const void *data, size_t len); /* zlib's crc32 */
 uint64_t xorshift64(uint64_t *state);
 

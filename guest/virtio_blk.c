@@ -13,14 +13,6 @@
 #define VIRTIO_BLK_F_BLK_SIZE 6
 #define VIRTIO_BLK_F_FLUSH    9
 
-#define VIRTIO_BLK_T_IN     0
-#define VIRTIO_BLK_T_OUT    1
-#define VIRTIO_BLK_T_FLUSH  4
-#define VIRTIO_BLK_T_GET_ID 8
-
-#define VIRTIO_BLK_S_OK     0
-#define VIRTIO_BLK_S_IOERR  1
-#define VIRTIO_BLK_S_UNSUPP 2
 #define BLK_TIMEOUT         0x100 /* not a device status: no completion in time */
 
 /* struct virtio_blk_config offsets */
@@ -31,7 +23,7 @@
 
 #define SECTOR 512
 #define ID_BYTES 20
-#define MAX_DEPTH 32
+#define MAX_DEPTH VBLK_SLOTS
 #define BENCH_DATA_MAX (512 * 1024)
 #define SEQ_REQ_MAX (64 * 1024)
 #define TICK_HZ 100
@@ -116,6 +108,25 @@ static int blk_submit(unsigned slot, uint32_t type, uint64_t sector, void *data,
     b[n++] = (struct vbuf){ (uint64_t)&s->status, 1, true };
     return vq_add(blk.q, b, n, slot);
 }
+
+/* For other checks (snapwork): the device opened as above, requests in slots 0..VBLK_SLOTS-1. */
+const char *vblk_open(bool interrupts, struct vblk *out)
+{
+    const char *why = blk_open(interrupts);
+    if (why)
+        return why;
+    *out = (struct vblk){ blk.d, blk.q, blk.capacity, blk.ro, blk.flush };
+    return NULL;
+}
+
+int vblk_submit(unsigned slot, uint32_t type, uint64_t sector, void *data, uint32_t len, bool device_writes)
+{
+    if (slot >= VBLK_SLOTS)
+        return -1;
+    return blk_submit(slot, type, sector, data, len, device_writes);
+}
+
+unsigned vblk_status(unsigned slot) { return slot < VBLK_SLOTS ? blk.slots[slot].status : BLK_TIMEOUT; }
 
 /* One request, polled to completion: the device's status byte, or BLK_TIMEOUT. */
 static unsigned blk_sync(uint32_t type, uint64_t sector, void *data, uint32_t len, bool device_writes)

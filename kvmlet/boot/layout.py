@@ -19,7 +19,8 @@ initrd go at or above :data:`HIGH_MEMORY_START`.
     0x20000-0x2ffff  kernel command line (the kernel's own limit is usually 2 KiB)
     0x9fc00-0x9ffff  EBDA, holding the Intel MP floating pointer
     0xa0000-0xeffff  legacy VGA / option ROM hole: not reported in the e820 map
-    0xf0000-0xf7fff  BIOS area (reserved in the e820 map): ACPI tables
+    0xf0000-0xf6fff  BIOS area (reserved in the e820 map): ACPI tables
+    0xf7000-0xf700f  BIOS area: the VM generation ID (16 bytes; the rest of its page is left unused)
     0xf8000-0xfffff  BIOS area: the MP configuration table (up to 254 vCPUs)
     0x100000-        high memory: the kernel, then the initrd at the top of low RAM
 
@@ -81,6 +82,11 @@ VGA_HOLE_START = 0xA0000
 BIOS_AREA_START = 0xF0000
 BIOS_AREA_END = 0x100000
 MP_CONFIG_ADDR = 0xF8000           # the MP configuration table, in the second half of the BIOS area
+# The VM generation ID (Microsoft's "Virtual Machine Generation ID" spec; kvmlet.devices.vmgenid): 16 bytes
+# in reserved memory, 8-byte aligned and alone in its page (the last page before the MP configuration
+# table), so that the guest can map it on its own and a write to it dirties no table.
+VMGENID_ADDR = 0xF7000
+VMGENID_SIZE = 16
 
 HIGH_MEMORY_START = 0x100000
 
@@ -107,7 +113,8 @@ BOOT_STRUCTURES: tuple[BootArea, ...] = (
     BootArea("page tables", PML4_ADDR, PAGE_TABLES_END),
     BootArea("command line", CMDLINE_ADDR, CMDLINE_ADDR + CMDLINE_MAX_SIZE),
     BootArea("EBDA (MP floating pointer)", EBDA_START, EBDA_END),
-    BootArea("ACPI tables", BIOS_AREA_START, MP_CONFIG_ADDR),
+    BootArea("ACPI tables", BIOS_AREA_START, VMGENID_ADDR),
+    BootArea("VM generation ID", VMGENID_ADDR, VMGENID_ADDR + VMGENID_SIZE),
     BootArea("MP configuration table", MP_CONFIG_ADDR, BIOS_AREA_END),
 )
 

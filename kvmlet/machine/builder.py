@@ -166,12 +166,14 @@ def add_devices(machine: Machine) -> None:
 
 def load_kernel(machine: Machine, kernel: KernelImage, initrd: bytes | None) -> None:
     from kvmlet.boot.loader import BootProtocol, load
+    from kvmlet.devices.vmgenid import write_generation_id
 
     assert machine.memory is not None and machine.devices is not None and machine.config.boot_source
     cmdline = machine.devices.extend_cmdline(machine.config.kernel_cmdline())
     machine.boot_info = load(machine.memory, kernel, cmdline=cmdline, initrd=initrd,
                              protocol=BootProtocol(machine.config.boot_source.boot_protocol),
                              cpus=machine.config.machine_config.vcpu_count)
+    machine.generation_id = write_generation_id(machine.memory)   # the VMGENID device's first generation
     machine.timeline.mark("image-loaded")
 
 

@@ -62,6 +62,9 @@ def create_snapshot(machine: Machine, snapshot_path: Path, mem_file_path: Path,
                          "(or enable_diff_snapshots when loading a snapshot)")
     if snapshot_path.resolve() == mem_file_path.resolve():
         raise StateError("snapshot_path and mem_file_path are the same file")
+    if machine.memory.private_file is not None and _same_file(mem_file_path, Path(machine.memory.private_file)):
+        raise StateError(f"mem_file_path {mem_file_path} is the file this VM's memory is mapped from (copy on "
+                         "write): writing it would change the guest's memory under it; choose another file")
     devices = machine.devices.save_state()     # refuses a device that cannot be saved, before any file
     indices = cpu_state.save_msr_indices(machine.kvm.msr_index_list())
     sections: dict[str, object] = {SECTION_VM: vm_state.capture(machine.vm)}
@@ -87,6 +90,13 @@ def create_snapshot(machine: Machine, snapshot_path: Path, mem_file_path: Path,
     return SnapshotResult(snapshot_type, memory.data_bytes, dirty_page_count(dirty) if dirty is not None else 0,
                           (state_done - started) * 1000, (memory_done - state_done) * 1000,
                           (done - memory_done) * 1000, (done - started) * 1000)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False
 
 
 def snapshot_config(machine: Machine) -> dict[str, object]:
