@@ -5,6 +5,15 @@ registers the ioeventfds and irqfds, collects each device's announcements (today
 line's ``virtio_mmio.device=`` entries), lists the devices (for ``GET /vm/config``, metrics and snapshots)
 and updates one at run time. Port numbers and IRQs come from the device modules themselves.
 
+Quiescing (:meth:`DeviceManager.pause` / :meth:`DeviceManager.resume`): the devices get the event loop through a
+:class:`~kvmlet.devices.pausable.PausableEventLoop`, so a pause stops every descriptor they watch (queue
+eventfds, TAPs, vsock sockets) and holds every timer; the transports hold the queues asked for meanwhile and
+the UART holds host input. All of it is served at resume. Requests complete within the callback that takes
+them, so nothing is in flight once the loop has left that callback.
+
+Snapshots: :meth:`DeviceManager.save_state` gives every device's state (:mod:`kvmlet.devices.state`) by name;
+:meth:`DeviceManager.restore_state` loads them into freshly built devices.
+
 Interrupts: legacy devices keep their fixed ISA IRQs (COM1 4, keyboard 1). Each virtio-mmio device gets
 a 4 KiB register window at ``VIRTIO_MMIO_BASE + n * 0x1000`` (the 32-bit MMIO hole, never RAM) and a
 free ISA IRQ from ``FREE_ISA_GSIS`` (0-2 and 8 belong to the timer, the keyboard, the cascade and the
@@ -23,7 +32,9 @@ from typing import TYPE_CHECKING, Any
 from kvmlet.devices.bus import Bus, BusDevice
 from kvmlet.devices.irq import EventFdInterrupt
 from kvmlet.devices.legacy.ports import PortClaim
-from kvmlet.errors import ConfigError
+from kvmlet.devices.pausable import QUIESCE_TIMEOUT, PausableEventLoop
+from kvmlet.devices.state import DeviceState, DeviceStateError
+from kvmlet.errors import ConfigError, StateError, UnsupportedError
 from kvmlet.kvm import constants as c
 
 if TYPE_CHECKING:
@@ -95,7 +106,7 @@ class DeviceManager:
                  mmio: Bus | None = None) -> None:
         self.vm = vm
         self.memory = memory
-        self.events = events
+        self.events = PausableEventLoop(events)   # what devices watch through (paused with them)
         self.pio = pio or Bus("pio")
         self.mmio = mmio or Bus("mmio")
         self.routing = GsiRouting(vm)
@@ -105,6 +116,7 @@ class DeviceManager:
         self._interrupts: list[EventFdInterrupt] = []
         self._ioeventfds: list[tuple[int, int, int]] = []   # (fd, address, datamatch)
         self._watched: list[int] = []
+        self._paused = False
 
     # -- allocation ---------------------------------------------------------------------------------
     def allocate_gsi(self, what: str) -> int:
@@ -191,6 +203,65 @@ class DeviceManager:
         managed = self.find(name)
         return managed.transport if managed is not None and managed.transport is not None else None
 
+    # -- quiescing ----------------------------------------------------------------------------------
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def pause(self, timeout: float = QUIESCE_TIMEOUT) -> None:
+        """Hold every device (any thread): once this returns no device processes a queue, writes guest memory
+        or changes its state until :meth:`resume`; what arrives meanwhile is served then. Register accesses
+        from vCPUs still go through: pause the vCPUs first. Idempotent."""
+        if self._paused:
+            return
+        self.events.pause(timeout)          # no device callback runs from here on
+        for managed in self.devices:
+            _pausable(managed, "pause")     # waits for a queue another thread is processing
+        self._paused = True
+
+    def resume(self) -> None:
+        """Let the devices go again, first with what arrived while they were paused. Idempotent."""
+        if not self._paused:
+            return
+        self._paused = False
+        for managed in self.devices:
+            _pausable(managed, "resume")
+        self.events.resume()
+
+    # -- snapshots ----------------------------------------------------------------------------------
+    def save_state(self) -> dict[str, DeviceState]:
+        """Every device's state by name; the devices must be paused. UnsupportedError names a device that
+        cannot be saved (before anything is saved)."""
+        if not self._paused:
+            raise StateError("the devices' state can be saved only while they are paused")
+        for managed in self.devices:
+            if not hasattr(managed.transport or managed.device, "save_state"):
+                raise UnsupportedError(f"device {managed.name} cannot be saved (it has no state model)")
+        states: dict[str, DeviceState] = {}
+        for managed in self.devices:
+            states[managed.name] = (managed.transport or managed.device).save_state()
+        return states
+
+    def restore_state(self, states: dict[str, DeviceState]) -> None:
+        """Load saved states into these freshly built devices (guest memory holds the saved contents).
+        DeviceStateError, before anything is restored, if the devices are not the saved ones or a state does
+        not fit its device (UnsupportedError: a device without a state model). Queues with work are kicked
+        (served at :meth:`resume` if paused)."""
+        names = [managed.name for managed in self.devices]
+        missing = [name for name in names if name not in states]
+        extra = [name for name in states if name not in names]
+        if missing or extra:
+            problems = [f"no saved state for device {name}" for name in missing]
+            problems += [f"a saved state for device {name}, which this VM does not have" for name in extra]
+            raise DeviceStateError("device states do not match the devices: " + "; ".join(problems))
+        for managed in self.devices:
+            target = managed.transport or managed.device
+            if not hasattr(target, "restore_state") or not hasattr(target, "check_state"):
+                raise UnsupportedError(f"device {managed.name} cannot be restored (it has no state model)")
+            target.check_state(states[managed.name])
+        for managed in self.devices:
+            (managed.transport or managed.device).restore_state(states[managed.name])
+
     # -- teardown -----------------------------------------------------------------------------------
     def close(self, release_irqfds: bool = True) -> None:
         """Stop watching, unregister ioeventfds and irqfds, close every device (idempotent)."""
@@ -225,3 +296,10 @@ class DeviceManager:
         if problems:
             raise RuntimeError("closing devices: " + "; ".join(problems))
 
+
+
+def _pausable(managed: ManagedDevice, action: str) -> None:
+    """Call ``pause`` or ``resume`` on a device's transport, or on the device if it has one."""
+    method = getattr(managed.transport or managed.device, action, None)
+    if method is not None:
+        method()

@@ -163,6 +163,8 @@ class Machine:
                     self.devices.pause()
                 for thread in self.threads:
                     thread.request_pause()
+            elif self.devices is not None and self.devices.paused:
+                self.devices.resume()        # a restored machine's devices wait for its start
             self.state = VmState.RUNNING
             for thread in self.threads:
                 thread.start()

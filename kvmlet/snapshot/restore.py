@@ -31,6 +31,7 @@ from kvmlet.snapshot.memory_file import check_memory_file
 if TYPE_CHECKING:
     from kvmlet.devices.legacy.console import Console
     from kvmlet.eventloop import EventLoopThread
+    from kvmlet.kvm.vcpu import Vcpu
     from kvmlet.machine import Machine
 
 
@@ -65,17 +66,28 @@ def snapshot_vm_config(snapshot: SnapshotFile, params: SnapshotLoadParams, conso
                                    console=console if console is not None else config.console)
 
 
-def check_host(snapshot: SnapshotFile, vcpus: list[cpu_state.VcpuState], supported: list[CpuidEntry]) -> None:
-    """Refuse a snapshot this host cannot run: another CPU vendor, or CPUID features KVM cannot give."""
+def check_vendor(snapshot: SnapshotFile, supported: list[CpuidEntry]) -> None:
+    """Refuse a snapshot taken on a host of another CPU vendor."""
     host_vendor = vm_state.cpu_vendor(supported)
     if snapshot.header.cpu_vendor != host_vendor:
         raise SnapshotError(f"snapshot {snapshot.path} was taken on a {snapshot.header.cpu_vendor} host; this host "
                             f"is {host_vendor}")
-    for state in vcpus:
-        missing = vm_state.cpuid_differences(state.cpuid, supported)
-        if missing:
-            raise SnapshotError(f"snapshot {snapshot.path}: this host cannot give vCPU {state.vcpu_id} its CPUID: "
-                                f"{'; '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} not available")
+
+
+def check_cpuid(snapshot: SnapshotFile, vcpu: Vcpu, state: cpu_state.VcpuState, supported: list[CpuidEntry],
+                pvm: bool) -> None:
+    """Refuse a vCPU whose saved CPUID has features this host cannot give. What the host gives: KVM's
+    supported table; under PVM the table KVM_GET_CPUID2 returns after the saved one is set (PVM fills the
+    feature leaves from the host's own CPUID, whatever was set)."""
+    if pvm:
+        vcpu.set_cpuid(state.cpuid)
+        available = vcpu.get_cpuid()
+    else:
+        available = supported
+    missing = vm_state.cpuid_differences(state.cpuid, available)
+    if missing:
+        raise SnapshotError(f"snapshot {snapshot.path}: this host cannot give vCPU {state.vcpu_id} its CPUID: "
+                            f"{'; '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} not available")
 
 
 def load_snapshot(params: SnapshotLoadParams, events: EventLoopThread, *, console: Console | None = None,
@@ -105,7 +117,8 @@ def load_snapshot(params: SnapshotLoadParams, events: EventLoopThread, *, consol
     try:
         open_kvm(machine, restoring=True)
         assert machine.kvm is not None
-        check_host(snapshot, vcpus, machine.kvm.supported_cpuid())
+        supported = machine.kvm.supported_cpuid()
+        check_vendor(snapshot, supported)
         try:
             memory = GuestMemory.from_file(str(memory_path), info.ranges)
         except GuestMemoryError as exc:
@@ -113,8 +126,13 @@ def load_snapshot(params: SnapshotLoadParams, events: EventLoopThread, *, consol
         create_vm(machine, memory=memory)
         add_devices(machine)
         assert machine.devices is not None and machine.vm is not None
+        events.start()
+        machine.devices.pause()    # held until start(): no completion may beat the interrupt controllers
         machine.devices.restore_state(devices)
         create_vcpus(machine, boot=False)
+        pvm = _pvm_host()
+        for vcpu, state in zip(machine.vcpus, vcpus, strict=True):
+            check_cpuid(snapshot, vcpu, state, supported, pvm)
         vm_state.restore(machine.vm, vm)
         for vcpu, state in zip(machine.vcpus, vcpus, strict=True):
             machine.warnings.extend(cpu_state.restore(vcpu, state))
@@ -130,6 +148,13 @@ def load_snapshot(params: SnapshotLoadParams, events: EventLoopThread, *, consol
     if params.mem_copy == "background":
         start_background_copy(machine)
     return machine
+
+
+def _pvm_host() -> bool:
+    from kvmlet.host.model import Backend
+    from kvmlet.host.virt import detect_backend
+
+    return detect_backend() is Backend.PVM
 
 
 def _close_quietly(machine: Machine) -> None:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvmlet.devices.legacy.ports import PortClaim, all_ones
+from kvmlet.devices.state import DebugExitState, expect_state
 
 DEBUG_EXIT_PORT = 0x501
 DEBUG_EXIT_SIZE = 2
@@ -59,3 +60,15 @@ class DebugExit:
     def stats(self) -> DebugExitStats:
         with self._lock:
             return DebugExitStats(self._writes, self._last_status)
+
+    def save_state(self) -> DebugExitState:
+        with self._lock:
+            return DebugExitState(writes=self._writes, last_status=self._last_status)
+
+    def check_state(self, state: object) -> DebugExitState:
+        return expect_state(state, DebugExitState, "debug-exit")
+
+    def restore_state(self, state: object) -> None:
+        saved = self.check_state(state)
+        with self._lock:
+            self._writes, self._last_status = saved.writes, saved.last_status

@@ -38,6 +38,7 @@ from enum import IntEnum, IntFlag
 
 from kvmlet.devices.irq import InterruptLine
 from kvmlet.devices.legacy.ports import PortClaim, all_ones
+from kvmlet.devices.state import DeviceStateError, I8042State, expect_state
 from kvmlet.errors import KvmletError
 
 DATA_PORT = 0x60
@@ -433,3 +434,51 @@ class I8042:
     def stats(self) -> I8042Stats:
         with self._lock:
             return I8042Stats(self._resets, self._commands, self._unknown_commands, self._interrupts)
+
+    # -- snapshots ----------------------------------------------------------------------------------------
+
+    def save_state(self) -> I8042State:
+        with self._lock:
+            return I8042State(output=list(self._output), keyboard_buffer=bytes(self._keyboard_buffer),
+                              translate_break=self._translate_break, command_byte=self._command_byte,
+                              output_port=self._output_port, pending_command=self._pending_command,
+                              last_write_command=self._last_write_command, keyboard_pending=self._keyboard_pending,
+                              keyboard_scanning=self._keyboard_scanning, scan_code_set=self._scan_code_set,
+                              resets=self._resets, commands=self._commands, unknown_commands=self._unknown_commands,
+                              interrupts=self._interrupts)
+
+    def check_state(self, state: object) -> I8042State:
+        """``state`` if it fits this controller, else DeviceStateError."""
+        state = expect_state(state, I8042State, "i8042")
+        if len(state.output) > OUTPUT_QUEUE_LIMIT or len(state.keyboard_buffer) > KEYBOARD_BUFFER_LIMIT:
+            raise DeviceStateError(f"i8042: the saved state holds {len(state.output)} output and "
+                                   f"{len(state.keyboard_buffer)} keyboard bytes (at most {OUTPUT_QUEUE_LIMIT} and "
+                                   f"{KEYBOARD_BUFFER_LIMIT})")
+        registers = [byte for byte, _ in state.output] + [state.command_byte, state.output_port,
+                                                           state.pending_command or 0, state.keyboard_pending or 0]
+        if not all(0 <= value <= 0xFF for value in registers) or state.scan_code_set not in (1, 2, 3):
+            raise DeviceStateError("i8042: the saved state has a register that is not a byte or scan code set "
+                                   f"{state.scan_code_set}")
+        return state
+
+    def restore_state(self, state: object) -> None:
+        """Load a saved state (:meth:`check_state` first); a keyboard byte waiting in the output buffer raises
+        IRQ 1 again."""
+        state = self.check_state(state)
+        with self._lock:
+            self._output = deque((byte, bool(aux)) for byte, aux in state.output)
+            self._keyboard_buffer = deque(state.keyboard_buffer)
+            self._translate_break = state.translate_break
+            self._command_byte = state.command_byte
+            self._output_port = state.output_port
+            self._pending_command = state.pending_command
+            self._last_write_command = state.last_write_command
+            self._keyboard_pending = state.keyboard_pending
+            self._keyboard_scanning = state.keyboard_scanning
+            self._scan_code_set = state.scan_code_set
+            self._resets, self._commands = state.resets, state.commands
+            self._unknown_commands, self._interrupts = state.unknown_commands, state.interrupts
+            self._irq_level = False
+            self._update_irq_locked()
+            edges = self._take_edges_locked()
+        self._send_edges(edges)

@@ -10,6 +10,7 @@ import threading
 from dataclasses import dataclass
 
 from kvmlet.devices.legacy.ports import PortClaim, all_ones
+from kvmlet.devices.state import PostCodeState, expect_state
 
 POST_CODE_PORT = 0x80
 
@@ -57,3 +58,15 @@ class PostCode:
     def stats(self) -> PostCodeStats:
         with self._lock:
             return PostCodeStats(self._writes, self._reads, self._last_code)
+
+    def save_state(self) -> PostCodeState:
+        with self._lock:
+            return PostCodeState(writes=self._writes, reads=self._reads, last_code=self._last_code)
+
+    def check_state(self, state: object) -> PostCodeState:
+        return expect_state(state, PostCodeState, "post-code")
+
+    def restore_state(self, state: object) -> None:
+        saved = self.check_state(state)
+        with self._lock:
+            self._writes, self._reads, self._last_code = saved.writes, saved.reads, saved.last_code

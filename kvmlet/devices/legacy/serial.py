@@ -28,6 +28,10 @@ leave the receiver stuck).
 
 Threads: ``bus_read``/``bus_write`` run on vCPU threads and ``enqueue_input`` on any thread; one lock guards
 the registers. Output and interrupt delivery happen after the lock is released.
+
+Snapshots: ``save_state``/``restore_state`` (:class:`kvmlet.devices.state.SerialState`). While paused
+(``pause``), host input is held, not received (at most the FIFO's capacity; what would not have fitted counts
+as an overrun), and delivered at ``resume``.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ from typing import Protocol
 
 from kvmlet.devices.irq import InterruptLine
 from kvmlet.devices.legacy.ports import PortClaim
+from kvmlet.devices.state import DeviceStateError, expect_state
+from kvmlet.devices.state import SerialState as SerialState  # the UART's state model lives with the others
 
 COM1_PORT = 0x3F8
 COM1_IRQ = 4
@@ -148,23 +154,6 @@ class SerialStats:
     interrupts: int  # edges sent on the interrupt line
 
 
-@dataclass(frozen=True)
-class SerialState:
-    """The guest-visible state of the UART, for snapshots."""
-
-    ier: int
-    lcr: int
-    mcr: int
-    fcr: int
-    scr: int
-    dll: int
-    dlm: int
-    lsr_errors: int
-    msr_deltas: int
-    thr_empty_pending: bool
-    rx: bytes
-
-
 def _modem_inputs(mcr: int) -> int:
     """The modem-status input lines (MSR bits 7:4) for a given MCR."""
     if not mcr & MCR_LOOP:
@@ -235,6 +224,9 @@ class Serial8250:
         self._bytes_read = 0
         self._bytes_dropped = 0
         self._interrupts = 0
+        self._paused = False
+        self._held_input = bytearray()   # host input that arrived while paused
+        self._held_dropped = 0
 
     # -- wiring -------------------------------------------------------------------------------------------
 
@@ -446,6 +438,11 @@ class Serial8250:
         if not data:
             return 0
         with self._lock:
+            if self._paused:
+                room = max(self._rx_capacity - len(self._held_input), 0)
+                self._held_input += data[:room]
+                self._held_dropped += max(len(data) - room, 0)
+                return min(len(data), room)
             if self._mcr & MCR_LOOP:
                 self._bytes_dropped += len(data)
                 return 0
@@ -477,21 +474,49 @@ class Serial8250:
             return SerialStats(self._bytes_out, self._bytes_in, self._bytes_read, self._bytes_dropped,
                                self._interrupts)
 
-    # -- snapshots ----------------------------------------------------------------------------------------
+    # -- quiescing and snapshots --------------------------------------------------------------------------
+
+    def pause(self) -> None:
+        """Receive no host input until :meth:`resume` (it is held, not lost)."""
+        with self._lock:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._lock:
+            self._paused = False
+            held, self._held_input = bytes(self._held_input), bytearray()
+            dropped, self._held_dropped = self._held_dropped, 0
+            if dropped:   # what would not have fitted the FIFO: an overrun, as if it had arrived now
+                self._bytes_dropped += dropped
+                self._lsr_errors |= LSR_OVERRUN
+                self._update_irq_locked()
+            edges = self._edges
+            self._edges = 0
+        if edges:
+            self._send_edges(edges)
+        self.enqueue_input(held)
 
     def save_state(self) -> SerialState:
         with self._lock:
-            return SerialState(self._ier, self._lcr, self._mcr, self._fcr, self._scr, self._dll, self._dlm,
-                               self._lsr_errors, self._msr_deltas, self._thr_empty_pending, bytes(self._rx))
+            return SerialState(ier=self._ier, lcr=self._lcr, mcr=self._mcr, fcr=self._fcr, scr=self._scr,
+                               dll=self._dll, dlm=self._dlm, lsr_errors=self._lsr_errors,
+                               msr_deltas=self._msr_deltas, thr_empty_pending=self._thr_empty_pending,
+                               rx=bytes(self._rx))
 
-    def restore_state(self, state: SerialState) -> None:
-        """Load a saved state; raises ValueError if it does not fit this UART."""
+    def check_state(self, state: object) -> SerialState:
+        """``state`` if it fits this UART, else DeviceStateError (a ValueError)."""
+        state = expect_state(state, SerialState, self.name)
         if len(state.rx) > self._rx_capacity:
-            raise ValueError(f"{self.name}: saved receive FIFO holds {len(state.rx)} bytes, more than this "
-                             f"UART's capacity of {self._rx_capacity}")
+            raise DeviceStateError(f"{self.name}: saved receive FIFO holds {len(state.rx)} bytes, more than this "
+                                   f"UART's capacity of {self._rx_capacity}")
         for field_name in ("ier", "lcr", "mcr", "fcr", "scr", "dll", "dlm", "lsr_errors", "msr_deltas"):
             if not 0 <= getattr(state, field_name) <= 0xFF:
-                raise ValueError(f"{self.name}: saved register {field_name} is not a byte")
+                raise DeviceStateError(f"{self.name}: saved register {field_name} is not a byte")
+        return state
+
+    def restore_state(self, state: object) -> None:
+        """Load a saved state (:meth:`check_state` first); an interrupt it had pending is sent again."""
+        state = self.check_state(state)
         with self._lock:
             self._ier = state.ier & IER_MASK
             self._lcr = state.lcr

@@ -30,11 +30,17 @@ import functools
 import struct
 from dataclasses import dataclass, field
 
+from kvmlet.devices.state import BlockCounters, BlockState, DeviceStateError, VirtioDeviceState, expect_state
 from kvmlet.devices.virtio.blk_backend import SECTOR_SIZE, BlockBackend, preadv_full, pwritev_full
 from kvmlet.devices.virtio.constants import DeviceType, feature_bit
 from kvmlet.devices.virtio.device import VirtioDevice
 from kvmlet.devices.virtio.queue import BufferList, DescriptorChain, DirectChain, Virtqueue
-from kvmlet.devices.virtio.ratelimit import RateLimiter
+from kvmlet.devices.virtio.ratelimit import (
+    RateLimiter,
+    check_rate_limiter,
+    restore_rate_limiter,
+    save_rate_limiter,
+)
 
 # Feature bits (section 5.2.3)
 VIRTIO_BLK_F_SIZE_MAX = 1
@@ -226,7 +232,7 @@ class VirtioBlock(VirtioDevice):
         finally:
             views.clear()
         status.view[0] = result
-        queue.push(head, length + 1 if reading and result is Status.OK else 1)
+        queue.complete(direct, length + 1 if reading and result is Status.OK else 1)
         return True
 
     def _handle(self, chain: DescriptorChain) -> bool:
@@ -238,7 +244,7 @@ class VirtioBlock(VirtioDevice):
             self.stats.last_error = f"request {chain.head}: no header or no status byte"
             if writable.length:
                 writable.write(bytes([Status.IOERR]), writable.length - 1)
-            queue.push(chain.head, 1 if writable.length else 0)
+            queue.complete(chain, 1 if writable.length else 0)
             return True
         kind, _, sector = HEADER.unpack(chain.readable.read(0, HEADER.size))
         after_header = chain.readable.split(HEADER.size)[1]
@@ -249,7 +255,7 @@ class VirtioBlock(VirtioDevice):
             # Refused before anything is charged or done: no rate-limiter token, only the status byte.
             self._count_failure(exc.status, f"request {chain.head}: {exc}")
             status_part.write(bytes([exc.status]))
-            queue.push(chain.head, 1)
+            queue.complete(chain, 1)
             return True
         limiter = self.rate_limiter
         if limiter is not None and self.defer_for_rate_limit(queue, limiter, request.cost):
@@ -259,7 +265,7 @@ class VirtioBlock(VirtioDevice):
         if status is not Status.OK and limiter is not None:
             limiter.refund(request.cost)  # charge what is served: the host failed it
         status_part.write(bytes([status]))
-        queue.push(chain.head, used)
+        queue.complete(chain, used)
         return True
 
     def _validate(self, kind: int, sector: int, after_header: BufferList, data_in: BufferList) -> _Request:
@@ -378,6 +384,35 @@ class VirtioBlock(VirtioDevice):
                                           unmap=bool(flags & SEGMENT_FLAG_UNMAP))
         if not self.writeback:
             self.backend.flush()
+
+    # -- snapshots ----------------------------------------------------------------------------------
+    def save_state(self) -> BlockState:
+        counters = {name: getattr(self.stats, name) for name in BlockCounters.__struct_fields__
+                    if name != "version"}
+        return BlockState(drive_id=self.drive_id.decode("ascii", "replace"), path=self.backend.path,
+                          size=self.backend.size, sectors=self.capacity, read_only=self.readonly,
+                          counters=BlockCounters(**counters), rate_limiter=save_rate_limiter(self.rate_limiter))
+
+    def check_state(self, state: VirtioDeviceState) -> None:
+        """The drive must be what the guest saw: the same size in bytes, read-only or not as it was."""
+        saved = expect_state(state, BlockState, self.name)
+        path = self.backend.path
+        if saved.size != self.backend.size:
+            raise DeviceStateError(f"{self.name}: the snapshot's drive was {saved.size} bytes; {path} is "
+                                   f"{self.backend.size} bytes")
+        if saved.read_only != self.readonly:
+            modes = {True: "read-only", False: "writable"}
+            raise DeviceStateError(f"{self.name}: the snapshot's drive was {modes[saved.read_only]}; {path} is "
+                                   f"opened {modes[self.readonly]}")
+        check_rate_limiter(self.rate_limiter, saved.rate_limiter, self.name)
+
+    def restore_state(self, state: VirtioDeviceState) -> None:
+        self.check_state(state)
+        assert isinstance(state, BlockState)
+        for name in BlockCounters.__struct_fields__:
+            if name != "version":
+                setattr(self.stats, name, getattr(state.counters, name))
+        restore_rate_limiter(self.rate_limiter, state.rate_limiter, self.name)
 
     def close(self) -> None:
         self.backend.close()

@@ -7,7 +7,9 @@ configuration; it calls the device:
 * ``read_config()`` / ``write_config()`` for the device-specific configuration space (any thread);
 * ``activate()`` at DRIVER_OK and ``reset()`` when the driver resets the device;
 * ``process_queue(index)`` on the event-loop thread, never on a vCPU thread, with the transport's lock held,
-  when the driver notified that queue (or a rate limiter's timer fired).
+  when the driver notified that queue (or a rate limiter's timer fired);
+* ``save_state()``, ``check_state()`` and ``restore_state()`` for snapshots (the transport restores its
+  registers and queues and, if the driver had the device running, activates it before ``restore_state``).
 
 A device answers requests through its queues and calls back into its :class:`DeviceHost` to signal the
 driver (``signal_used``), to report a configuration change, or to ask for a queue to be run later.
@@ -20,6 +22,7 @@ from collections.abc import Callable, Sequence
 from time import monotonic
 from typing import Protocol
 
+from kvmlet.devices.state import VirtioDeviceState
 from kvmlet.devices.virtio.constants import COMMON_FEATURES, DeviceType, feature_bit
 from kvmlet.devices.virtio.queue import (
     SLICE_CHAINS,
@@ -30,6 +33,7 @@ from kvmlet.devices.virtio.queue import (
     Virtqueue,
 )
 from kvmlet.devices.virtio.ratelimit import RateLimiter
+from kvmlet.errors import UnsupportedError
 
 
 class DeviceHost(Protocol):
@@ -138,6 +142,20 @@ class VirtioDevice(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release host resources (files) when the VM closes."""
+
+    # -- snapshots ----------------------------------------------------------------------------------
+    def save_state(self) -> VirtioDeviceState:
+        """The device's own state (the transport saves the registers and queues); called while it is quiet."""
+        raise UnsupportedError(f"device {self.name} cannot be saved ({type(self).__name__} has no state model)")
+
+    def check_state(self, state: VirtioDeviceState) -> None:  # noqa: B027 - optional hook
+        """Refuse, with DeviceStateError, a saved state that does not fit this device (before anything is
+        restored)."""
+
+    def restore_state(self, state: VirtioDeviceState) -> None:
+        """Load a saved state (checked by :meth:`check_state`); the transport has restored the queues and, if
+        the driver had the device running, activated it with the saved features."""
+        raise UnsupportedError(f"device {self.name} cannot be restored ({type(self).__name__} has no state model)")
 
     # -- requests -----------------------------------------------------------------------------------
     @abc.abstractmethod

@@ -29,6 +29,11 @@ Locking: one re-entrant lock serializes register writes (vCPU threads) with queu
 event-loop thread), so a reset waits for the request being processed; interrupt status has its own lock,
 and InterruptACK takes only that one, so a vCPU acknowledging an interrupt never waits for a queue drain.
 Register reads take no lock (each returns one field's current value).
+
+Quiescing and snapshots: while :meth:`MmioTransport.pause` holds it, no queue is processed: a notification,
+a timer or a host event that would run one is remembered and the queue is kicked again at
+:meth:`MmioTransport.resume`. :meth:`MmioTransport.save_state` / :meth:`MmioTransport.restore_state` save
+and load the registers, the queues and the device's own state (:mod:`kvmlet.devices.state`).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from kvmlet.devices.irq import InterruptLine
+from kvmlet.devices.state import DeviceStateError, MmioTransportState, QueueState, expect_state
 from kvmlet.devices.virtio.constants import (
     MMIO_MAGIC,
     MMIO_VENDOR_ID,
@@ -122,6 +128,9 @@ class MmioTransport:
         self.config_generation = 0
         self._timer_armed = [False] * len(self.queues)  # the queue's one timer is on the event loop
         self._wake_wanted = [False] * len(self.queues)  # and it should run the queue (False: cancelled)
+        self._paused = False
+        self._held_queues: set[int] = set()   # queues to run at resume (asked for while paused)
+        self._held_interrupt = False          # an interrupt to send at resume (a restore while paused)
         self._clear_registers()
 
     def _clear_registers(self) -> None:
@@ -424,8 +433,11 @@ class MmioTransport:
         return handled
 
     def process_queue(self, index: int) -> None:
-        """Run the device on queue ``index`` if the driver has it live."""
+        """Run the device on queue ``index`` if the driver has it live (at resume, while paused)."""
         with self._lock:
+            if self._paused:
+                self._held_queues.add(index)
+                return
             if not self.status & _DRIVER_OK:
                 self.stats.notifies_before_driver_ok += 1
                 return
@@ -505,6 +517,98 @@ class MmioTransport:
         with self._irq_lock:
             self.interrupt_status |= int(reason)
         self.irq.trigger()
+
+    # -- quiescing -----------------------------------------------------------------------------------
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def pause(self) -> None:
+        """Process no queue until :meth:`resume` (waits for the one being processed, if any)."""
+        with self._lock:
+            self._paused = True
+
+    def resume(self) -> None:
+        """Process again, first the queues asked for while paused (through their eventfds)."""
+        with self._lock:
+            self._paused = False
+            held, self._held_queues = sorted(self._held_queues), set()
+            interrupt, self._held_interrupt = self._held_interrupt, False
+        for index in held:
+            self._kick(index)
+        if interrupt:
+            self.irq.trigger()
+
+    # -- snapshots ----------------------------------------------------------------------------------
+    def save_state(self) -> MmioTransportState:
+        """The registers, the queues and the device's state (call it while paused, for a state that holds)."""
+        with self._lock:
+            return MmioTransportState(
+                device_type=int(self.device.device_type), status=self.status,
+                device_features_sel=self.device_features_sel, driver_features_sel=self.driver_features_sel,
+                driver_features=self.driver_features, unknown_driver_features=self._unknown_driver_features,
+                queue_sel=self.queue_sel, shm_sel=self.shm_sel, interrupt_status=self.interrupt_status,
+                config_generation=self.config_generation, queues=[queue.save_state() for queue in self.queues],
+                device=self.device.save_state())
+
+    def check_state(self, state: object) -> MmioTransportState:
+        """``state`` if it fits this transport and device, else DeviceStateError (nothing is changed)."""
+        name = self.device.name
+        saved = expect_state(state, MmioTransportState, name)
+        if saved.device_type != int(self.device.device_type):
+            raise DeviceStateError(f"{name}: the saved state is of virtio device type {saved.device_type}; this "
+                                   f"device is type {int(self.device.device_type)}")
+        if len(saved.queues) != len(self.queues):
+            raise DeviceStateError(f"{name}: the saved state has {len(saved.queues)} queues; this device has "
+                                   f"{len(self.queues)}")
+        for queue, saved_queue in zip(self.queues, saved.queues, strict=True):
+            saved_queue = expect_state(saved_queue, QueueState, f"{name} queue {queue.index}")
+            if saved_queue.ready and saved_queue.size > queue.max_size:
+                raise DeviceStateError(f"{name}: queue {queue.index} was {saved_queue.size} entries; this device "
+                                       f"allows at most {queue.max_size}")
+        self.device.check_state(saved.device)
+        return saved
+
+    def restore_state(self, state: object) -> None:
+        """Load a saved state into this freshly built transport, over guest memory that holds the saved
+        contents: registers and queues first; a device the driver had running is activated with the saved
+        features and then given its own state; live queues are kicked (at :meth:`resume`, while paused)."""
+        saved = self.check_state(state)
+        name = self.device.name
+        with self._lock:
+            self.reset()
+            for queue, saved_queue in zip(self.queues, saved.queues, strict=True):
+                try:
+                    queue.restore_state(saved_queue, name)
+                except RingError as exc:
+                    raise DeviceStateError(f"{name}: {exc}") from None
+            with self._irq_lock:
+                self.status = saved.status & 0xFF
+                self.device_features_sel = saved.device_features_sel
+                self.driver_features_sel = saved.driver_features_sel
+                self.driver_features = saved.driver_features
+                self._unknown_driver_features = saved.unknown_driver_features
+                self.queue_sel = saved.queue_sel
+                self.shm_sel = saved.shm_sel
+                self.interrupt_status = saved.interrupt_status & int(InterruptReason.USED_BUFFER
+                                                                     | InterruptReason.CONFIG_CHANGE)
+            self.config_generation = saved.config_generation
+            if self.driver_ok:
+                try:
+                    self.device.activate(self, self.queues, self.driver_features)
+                except ActivationError as exc:
+                    raise DeviceStateError(f"{name}: cannot start again: {exc}") from None
+            self.device.restore_state(saved.device)
+            live = [queue.index for queue in self.queues if queue.ready] if self.driver_ok else []
+            interrupt = bool(self.interrupt_status)
+            if self._paused:
+                self._held_queues.update(live)
+                self._held_interrupt |= interrupt
+                return
+        for index in live:
+            self._kick(index)    # chains made available before the snapshot, rate-limited or held work
+        if interrupt:
+            self.irq.trigger()   # the driver had not acknowledged it (a spurious one costs a register read)
 
     # -- lifetime -----------------------------------------------------------------------------------
     def close(self) -> None:

@@ -32,10 +32,23 @@ import os
 import struct
 from dataclasses import dataclass, field
 
+from kvmlet.devices.state import (
+    DeviceStateError,
+    NetFrameState,
+    NetRxState,
+    NetState,
+    VirtioDeviceState,
+    expect_state,
+)
 from kvmlet.devices.virtio.constants import DeviceType, feature_bit
 from kvmlet.devices.virtio.device import VirtioDevice
-from kvmlet.devices.virtio.queue import DescriptorChain, DirectChain, Virtqueue
-from kvmlet.devices.virtio.ratelimit import RateLimiter
+from kvmlet.devices.virtio.queue import ChainError, DescriptorChain, DirectChain, Virtqueue
+from kvmlet.devices.virtio.ratelimit import (
+    RateLimiter,
+    check_rate_limiter,
+    restore_rate_limiter,
+    save_rate_limiter,
+)
 from kvmlet.eventloop import EventLoop
 from kvmlet.net.tap import VNET_HDR_SIZE, Offload, Tap, TapError
 
@@ -183,6 +196,7 @@ class VirtioNet(VirtioDevice):
         self.stats = NetStats(rx_frames_by_queue=[0] * self.pairs, tx_frames_by_queue=[0] * self.pairs)
         self.link_up = tap.exists()
         self.active_pairs = 1
+        self.offload = Offload.NONE        # what TUNSETOFFLOAD last set
         self.control_index: int | None = None
         self._pair = [_Pair() for _ in range(self.pairs)]
 
@@ -237,6 +251,7 @@ class VirtioNet(VirtioDevice):
     def _set_offload(self, offload: Offload) -> None:
         try:
             self.tap.set_offload(offload)
+            self.offload = offload
         except TapError as exc:
             self._tap_error(exc, None)
 
@@ -362,6 +377,9 @@ class VirtioNet(VirtioDevice):
             self._tap_error(exc, pair)
         finally:
             views.clear()
+        if size > 0 and queue.memory.dirty_tracking:
+            for chain in chains:   # written now, completed later (or used again for the next frame)
+                queue.mark_written(chain)
         if size < 0:
             state.spare.extendleft(reversed(chains))
             if self.link_up:
@@ -420,7 +438,7 @@ class VirtioNet(VirtioDevice):
             return True
         first.write(header)
         for chain, length in zip(frame.chains, frame.lengths, strict=True):
-            queue.push(chain.head, length)
+            queue.complete(chain, length)
         self.stats.rx_frames += 1
         self.stats.rx_bytes += frame.size - VNET_HDR_SIZE
         self.stats.rx_merged_buffers += len(frame.chains) - 1
@@ -588,10 +606,68 @@ class VirtioNet(VirtioDevice):
             self.stats.last_error = f"control command {command[:2].hex() or '(none)'} refused"
         if chain.writable.length:
             chain.writable.write(bytes([ack]))
-            queue.push(chain.head, 1)
+            queue.complete(chain, 1)
         else:
             queue.push(chain.head, 0)
         return True
+
+    # -- snapshots -------------------------------------------------------------------------------------
+    def save_state(self) -> NetState:
+        """The guest's view (MAC, link, queue pairs, offloads) and the receive chains the device holds."""
+        rx = []
+        for pair in self._pair:
+            frame = pair.frame
+            rx.append(NetRxState(spare=[chain.head for chain in pair.spare], expected=pair.expected, frame=None
+                                 if frame is None else NetFrameState(heads=[chain.head for chain in frame.chains],
+                                                                     lengths=list(frame.lengths), size=frame.size,
+                                                                     rest=frame.rest, admitted=frame.admitted)))
+        return NetState(mac=self.mac, tap_name=self.tap.name, offloads=int(self.offload),
+                        active_pairs=self.active_pairs, link_up=self.link_up, rx=rx if self.active else [],
+                        rx_rate_limiter=save_rate_limiter(self.rx_rate_limiter),
+                        tx_rate_limiter=save_rate_limiter(self.tx_rate_limiter))
+
+    def check_state(self, state: VirtioDeviceState) -> None:
+        saved = expect_state(state, NetState, self.name)
+        if len(saved.mac) != 6:
+            raise DeviceStateError(f"{self.name}: the saved MAC address has {len(saved.mac)} bytes, not 6")
+        if not 1 <= saved.active_pairs <= self.pairs or len(saved.rx) not in (0, self.pairs):
+            raise DeviceStateError(f"{self.name}: the saved device used {max(saved.active_pairs, len(saved.rx))} "
+                                   f"queue pairs; this TAP has {self.pairs}")
+        check_rate_limiter(self.rx_rate_limiter, saved.rx_rate_limiter, f"{self.name} rx")
+        check_rate_limiter(self.tx_rate_limiter, saved.tx_rate_limiter, f"{self.name} tx")
+
+    def restore_state(self, state: VirtioDeviceState) -> None:
+        """The guest keeps its MAC; the negotiated offloads go to the new TAP; the receive chains held at the
+        snapshot are taken again from the descriptor table (guest memory holds them, and their frames)."""
+        self.check_state(state)
+        assert isinstance(state, NetState)
+        self.mac = bytes(state.mac)
+        restore_rate_limiter(self.rx_rate_limiter, state.rx_rate_limiter, f"{self.name} rx")
+        restore_rate_limiter(self.tx_rate_limiter, state.tx_rate_limiter, f"{self.name} tx")
+        if not self.active:
+            return
+        self._set_offload(Offload(state.offloads))
+        self._set_active_pairs(state.active_pairs)
+        for index, saved in enumerate(state.rx):
+            queue = self.queues[2 * index]
+            pair = self._pair[index]
+            pair.expected = max(saved.expected, VNET_HDR_SIZE + ETH_FRAME)
+            pair.spare.extend(self._held_chain(queue, head) for head in saved.spare)
+            frame = saved.frame
+            if frame is not None:
+                pair.frame = _Frame([self._held_chain(queue, head) for head in frame.heads], list(frame.lengths),
+                                    frame.size, frame.rest, frame.admitted)
+        if self.link_up != state.link_up and self.host is not None and self.has_feature(VIRTIO_NET_F_STATUS):
+            self.stats.link_changes += 1
+            self.host.signal_config_change()   # the new TAP's link is not what the guest saw
+        self._update_watches()
+
+    def _held_chain(self, queue: Virtqueue, head: int) -> DescriptorChain:
+        try:
+            return queue.chain_at(head)
+        except ChainError as exc:
+            raise DeviceStateError(f"{self.name}: a receive chain held at the snapshot is not in guest memory: "
+                                   f"{exc}") from None
 
     # -- failures --------------------------------------------------------------------------------------
     def _tap_error(self, exc: OSError | TapError, pair: int | None) -> bool:

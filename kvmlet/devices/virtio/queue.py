@@ -29,16 +29,33 @@ the driver only when the used index passes ``used_event`` (the ``vring_need_even
 In the other direction, while a device drains a queue it asks the driver not to notify it
 (``disable_notification``: VIRTQ_USED_F_NO_NOTIFY, or with EVENT_IDX an ``avail_event`` left behind)
 and re-enables notifications, then looks at the ring once more, before it stops (``enable_notification``).
+
+Dirty tracking: devices write guest memory through views (of chain buffers, of the rings) that
+:class:`~kvmlet.memory.GuestMemory` cannot see. While its ``dirty_tracking`` is on, the queue marks what they
+wrote: :meth:`Virtqueue.complete` marks every device-writable buffer of the chain it gives back (the whole
+buffer: a failed request may have written part of it), and every store into the used ring marks its bytes.
+With tracking off this costs one attribute check per completion.
 """
 
 from __future__ import annotations
 
-import functools
 import struct
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
+from kvmlet.devices.state import QueueState, expect_state
+from kvmlet.devices.virtio.chain import Buffer as Buffer
+from kvmlet.devices.virtio.chain import BufferList as BufferList
+from kvmlet.devices.virtio.chain import DescriptorChain as DescriptorChain
+from kvmlet.devices.virtio.chain import DirectBuffer as DirectBuffer
+from kvmlet.devices.virtio.chain import DirectChain as DirectChain
+from kvmlet.devices.virtio.chain import (
+    new_buffer,
+    new_buffer_list,
+    new_direct_buffer,
+    new_direct_chain,
+)
 from kvmlet.memory import GuestMemory, GuestMemoryError
 
 DESCRIPTOR_SIZE = 16
@@ -108,139 +125,6 @@ def is_power_of_two(value: int) -> bool:
 def need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
     """True if moving an index from ``old_idx`` to ``new_idx`` passes ``event_idx`` (mod 2**16)."""
     return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
-
-
-class Buffer(NamedTuple):
-    """One guest buffer of a chain: (guest-physical address, length in bytes)."""
-
-    gpa: int
-    length: int
-
-
-@dataclass(frozen=True)
-class BufferList:
-    """The device-readable or device-writable part of a chain, as one byte stream over its buffers.
-
-    Every buffer was checked to lie in guest RAM when the chain was parsed, and none is empty; offsets
-    below are into the concatenation of the buffers.
-    """
-
-    memory: GuestMemory = field(repr=False, compare=False)
-    buffers: tuple[Buffer, ...] = ()
-    length: int = field(init=False, repr=False, compare=False)   # total bytes, computed once
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "length", sum(size for _, size in self.buffers))
-
-    def __len__(self) -> int:
-        return len(self.buffers)
-
-    def slice(self, offset: int, length: int | None = None) -> BufferList:
-        """The buffers covering ``[offset, offset+length)`` of the stream (clipped to its end)."""
-        if offset == 0 and (length is None or length >= self.length):
-            return self  # the whole stream (the common case: no new objects)
-        remaining = self.length - offset if length is None else length
-        out: list[Buffer] = []
-        for gpa, size in self.buffers:
-            if remaining <= 0:
-                break
-            if offset >= size:
-                offset -= size
-                continue
-            take = min(size - offset, remaining)
-            out.append(Buffer(gpa + offset, take))
-            remaining -= take
-            offset = 0
-        return BufferList(self.memory, tuple(out))
-
-    def split(self, offset: int) -> tuple[BufferList, BufferList]:
-        """The stream cut in two at ``offset``."""
-        buffers = self.buffers
-        count = len(buffers)
-        index = position = 0
-        while index < count and position < offset:
-            position += buffers[index][1]
-            index += 1
-        if position == offset >= 0:  # between two buffers (a header or status byte of its own): no cutting
-            return (_buffer_list(self.memory, buffers[:index], offset),
-                    _buffer_list(self.memory, buffers[index:], self.length - offset))
-        return self.slice(0, offset), self.slice(offset)
-
-    def views(self) -> list[memoryview]:
-        """Writable memoryviews of each buffer, in order (release them before the memory closes)."""
-        return [self.memory.view(gpa, size) for gpa, size in self.buffers if size]
-
-    def read(self, offset: int = 0, length: int | None = None) -> bytes:
-        """Bytes ``[offset, offset+length)`` of the stream (fewer if it ends first)."""
-        if offset == 0 and length is not None and self.buffers and 0 <= length <= self.buffers[0].length:
-            return self.memory.read(self.buffers[0].gpa, length)  # within the first buffer
-        return b"".join(self.memory.read(gpa, size) for gpa, size in self.slice(offset, length).buffers)
-
-    def read_all(self) -> bytes:
-        return self.read(0)
-
-    def write(self, data: bytes | bytearray | memoryview, offset: int = 0) -> int:
-        """Copy ``data`` into the stream at ``offset``; returns how many bytes fitted."""
-        buffers = self.buffers
-        if offset == 0 and isinstance(data, bytes) and buffers and len(data) <= buffers[0][1]:
-            self.memory.write(buffers[0][0], data)   # within the first buffer (a status byte, a header)
-            return len(data)
-        source = memoryview(data).cast("B")
-        done = 0
-        for gpa, size in self.slice(offset, len(source)).buffers:
-            self.memory.write(gpa, source[done:done + size])
-            done += size
-        return done
-
-    def fill(self, byte: int = 0) -> int:
-        """Set every byte of the stream to ``byte``; returns the stream length."""
-        for gpa, size in self.buffers:
-            if size:
-                self.memory.fill(gpa, size, byte)
-        return self.length
-
-
-_new_buffer = functools.partial(tuple.__new__, Buffer)   # Buffer((gpa, length)) without NamedTuple's __new__
-_set = object.__setattr__
-
-
-def _buffer_list(memory: GuestMemory, buffers: tuple[Buffer, ...], length: int) -> BufferList:
-    """A BufferList whose total length is known (the chain parser's hot path: no __init__ round trip)."""
-    out = BufferList.__new__(BufferList)
-    _set(out, "memory", memory)
-    _set(out, "buffers", buffers)
-    _set(out, "length", length)
-    return out
-
-
-@dataclass(frozen=True)
-class DescriptorChain:
-    """One request: the head index to give back and its device-readable and device-writable parts."""
-
-    head: int
-    readable: BufferList
-    writable: BufferList
-    descriptor_count: int
-    indirect: bool = False
-
-
-class DirectBuffer(NamedTuple):
-    """One buffer of a :class:`DirectChain`."""
-
-    gpa: int                # where the buffer is
-    view: memoryview        # the buffer in guest RAM (checked to lie there, never empty)
-    writable: bool          # device-writable (VIRTQ_DESC_F_WRITE)
-
-
-class DirectChain(NamedTuple):
-    """A short chain of direct descriptors (:meth:`Virtqueue.pop_direct`), device-readable buffers first."""
-
-    head: int
-    buffers: list[DirectBuffer]
-
-
-_new_direct_buffer = functools.partial(tuple.__new__, DirectBuffer)
-_new_direct_chain = functools.partial(tuple.__new__, DirectChain)
 
 
 @dataclass
@@ -344,6 +228,28 @@ class Virtqueue:
         self._signalled_used = 0
         self._no_notify = False
         self._rings = self._map_rings()
+
+    # -- snapshots ----------------------------------------------------------------------------------
+    def save_state(self) -> QueueState:
+        return QueueState(max_size=self.max_size, size=self.size, ready=self.ready, desc_addr=self.desc_addr,
+                          driver_addr=self.driver_addr, device_addr=self.device_addr, next_avail=self.next_avail,
+                          next_used=self.next_used, signalled_used=self._signalled_used, event_idx=self.event_idx,
+                          indirect=self.indirect_allowed, no_notify=self._no_notify)
+
+    def restore_state(self, state: QueueState, device: str) -> None:
+        """Load a saved queue over rings that guest memory already holds (RingError if they do not fit)."""
+        state = expect_state(state, QueueState, f"{device} queue {self.index}")
+        self.reset()
+        self.size = state.size
+        self.desc_addr, self.driver_addr, self.device_addr = state.desc_addr, state.driver_addr, state.device_addr
+        self.set_features(event_idx=state.event_idx, indirect=state.indirect)
+        if state.ready:
+            self.activate()   # validates and maps the rings (and starts the indices from 0: set below)
+            self.ready = True
+        self.next_avail = state.next_avail & 0xFFFF
+        self.next_used = state.next_used & 0xFFFF
+        self._signalled_used = state.signalled_used & 0xFFFF
+        self._no_notify = state.no_notify
 
     def _map_rings(self) -> _Rings:
         """The areas' places in guest RAM (checked by validate(); RingError if they are not in RAM)."""
@@ -477,7 +383,7 @@ class Virtqueue:
                 elif writable:
                     return None   # readable after writable: pop() reports it
                 total += length
-                buffers.append(_new_direct_buffer((addr, data_view[addr - start:addr - start + length], writable)))
+                buffers.append(new_direct_buffer((addr, data_view[addr - start:addr - start + length], writable)))
                 if not flags & VIRTQ_DESC_F_NEXT:
                     break
                 if next_index >= size:
@@ -491,7 +397,17 @@ class Virtqueue:
             return None
         self.next_avail = (next_avail + 1) & 0xFFFF
         self.stats.chains += 1
-        return _new_direct_chain((head, buffers))
+        return new_direct_chain((head, buffers))
+
+    def chain_at(self, head: int) -> DescriptorChain:
+        """The chain starting at descriptor ``head``, parsed again (a chain a device took before a snapshot
+        and still holds); ChainError if it is not a well-formed chain now."""
+        if not 0 <= head < self.size:
+            raise ChainError(head, f"head outside the table of {self.size}")
+        try:
+            return self._parse_chain(head)
+        except ValueError as exc:  # the memory was closed
+            raise RingError(f"queue {self.index}: {exc}") from None
 
     def undo_pop(self) -> None:
         """Put the last chain taken back (e.g. when a rate limiter defers it)."""
@@ -573,29 +489,50 @@ class Virtqueue:
                     raise ChainError(head, "more than 4 GiB of buffers")
             if flags & VIRTQ_DESC_F_WRITE:
                 if length:
-                    writable.append(_new_buffer((addr, length)))
+                    writable.append(new_buffer((addr, length)))
             elif writable:
                 raise ChainError(head, "device-readable descriptor after a device-writable one")
             elif length:
-                readable.append(_new_buffer((addr, length)))
+                readable.append(new_buffer((addr, length)))
                 readable_bytes += length
             if not flags & VIRTQ_DESC_F_NEXT:
                 break
             if next_index >= table_size:
                 raise ChainError(head, f"next index {next_index} is outside the table of {table_size}")
             index = next_index
-        return DescriptorChain(head, _buffer_list(self.memory, tuple(readable), readable_bytes),
-                               _buffer_list(self.memory, tuple(writable), total - readable_bytes), count,
+        return DescriptorChain(head, new_buffer_list(self.memory, tuple(readable), readable_bytes),
+                               new_buffer_list(self.memory, tuple(writable), total - readable_bytes), count,
                                in_indirect)
 
     # -- giving buffers back ------------------------------------------------------------------------
+    def complete(self, chain: DescriptorChain | DirectChain, length: int) -> None:
+        """Give ``chain`` back to the driver, ``length`` bytes written: the completion of every chain whose
+        device-writable buffers the device may have written (they are marked while dirty tracking is on)."""
+        if self.memory.dirty_tracking:
+            self.mark_written(chain)
+        self.push(chain.head, length)
+
+    def mark_written(self, chain: DescriptorChain | DirectChain) -> None:
+        """Mark every device-writable buffer of ``chain`` dirty, whole (for a device that writes into buffers
+        it completes later; :meth:`complete` does it for the rest)."""
+        mark = self.memory.mark_dirty
+        if isinstance(chain, DirectChain):
+            for buffer in chain.buffers:
+                if buffer.writable:
+                    mark(buffer.gpa, len(buffer.view))
+        else:
+            for gpa, length in chain.writable.buffers:
+                mark(gpa, length)
+
     def push(self, head: int, length: int) -> None:
-        """Put a used element (head, bytes written) on the used ring and publish it."""
+        """Put a used element (head, bytes written) on the used ring and publish it. Only for a chain the
+        device wrote nothing into (a transmitted frame, a refused request): :meth:`complete` for the rest."""
         rings = self._ring_views()
         used, at = rings.used, rings.used_at
+        slot = 4 + 8 * (self.next_used % self.size)
         next_used = (self.next_used + 1) & 0xFFFF
         try:
-            _USED_ELEM.pack_into(used, at + 4 + 8 * (self.next_used % self.size), head, length & 0xFFFFFFFF)
+            _USED_ELEM.pack_into(used, at + slot, head, length & 0xFFFFFFFF)
             # Stores are not reordered with stores on x86 (and CPython performs them in program order):
             # the element is visible before the index that publishes it, in one store.
             store_u16(used, at + 2, next_used)
@@ -603,6 +540,9 @@ class Virtqueue:
             raise RingError(f"queue {self.index}: {exc}") from None
         self.next_used = next_used
         self.stats.used_buffers += 1
+        if self.memory.dirty_tracking:
+            self.memory.mark_dirty(self.device_addr + slot, _USED_ELEM.size)
+            self.memory.mark_dirty(self.device_addr + 2, 2)
 
     def _write_used_u16(self, offset: int, value: int) -> None:
         rings = self._ring_views()
@@ -610,6 +550,8 @@ class Virtqueue:
             store_u16(rings.used, rings.used_at + offset, value & 0xFFFF)
         except ValueError as exc:
             raise RingError(f"queue {self.index}: {exc}") from None
+        if self.memory.dirty_tracking:
+            self.memory.mark_dirty(self.device_addr + offset, 2)
 
     def needs_notification(self) -> bool:
         """Whether the driver wants a used-buffer notification for what was pushed since the last one."""

@@ -24,6 +24,10 @@ A guest must not be able to turn the limiter against its own device (issue 13), 
   refill (for virtio-blk at most ``seg_max`` x ``size_max`` bytes), the price of not holding a reset
   drive hostage;
 * every wait is computed from the buckets, never accumulated per notification.
+
+Snapshots: a bucket saves the tokens it has left, what is left of its one-time burst, and how long ago it last
+refilled (a duration: the restoring process has another monotonic clock), so a restored limiter neither
+forgets its debt nor gains the time the VM spent saved.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import time
 from collections.abc import Callable
 
 from kvmlet.config.models import RateLimiterConfig, TokenBucketConfig
+from kvmlet.devices.state import DeviceStateError, RateLimiterState, TokenBucketState, expect_state
 
 MIN_WAIT = 0.001  # seconds: the shortest timer a throttled queue sets
 
@@ -83,6 +88,17 @@ class TokenBucket:
         self._refill()
         self.budget = max(self.budget, 0.0)
 
+    def save_state(self) -> TokenBucketState:
+        return TokenBucketState(budget=self.budget, one_time_burst=self.burst,
+                                since_refill=max(0.0, self._clock() - self._last))
+
+    def restore_state(self, state: TokenBucketState, what: str) -> None:
+        """Take the saved tokens (at most this bucket's size and burst, if its configuration changed)."""
+        state = expect_state(state, TokenBucketState, what)
+        self.budget = min(self.capacity, state.budget)
+        self.burst = min(float(self.config.one_time_burst), max(0.0, state.one_time_burst))
+        self._last = self._clock() - max(0.0, state.since_refill)
+
 
 class RateLimiter:
     """Bandwidth and operations buckets; either may be absent (no limit)."""
@@ -122,6 +138,27 @@ class RateLimiter:
             if bucket is not None:
                 bucket.reset()
 
+    def save_state(self) -> RateLimiterState:
+        return RateLimiterState(bandwidth=self.bandwidth.save_state() if self.bandwidth is not None else None,
+                                ops=self.ops.save_state() if self.ops is not None else None,
+                                throttled=self.throttled)
+
+    def check_state(self, state: RateLimiterState, what: str) -> None:
+        """DeviceStateError unless ``state`` has the same buckets as this limiter."""
+        state = expect_state(state, RateLimiterState, what)
+        for name, bucket, saved in (("bandwidth", self.bandwidth, state.bandwidth), ("ops", self.ops, state.ops)):
+            if (bucket is None) != (saved is None):
+                raise DeviceStateError(f"{what}: the saved rate limiter {'has' if saved else 'has no'} {name} "
+                                       f"bucket; this one {'has' if bucket else 'has none'}")
+
+    def restore_state(self, state: RateLimiterState, what: str) -> None:
+        self.check_state(state, what)
+        if self.bandwidth is not None and state.bandwidth is not None:
+            self.bandwidth.restore_state(state.bandwidth, f"{what} bandwidth")
+        if self.ops is not None and state.ops is not None:
+            self.ops.restore_state(state.ops, f"{what} ops")
+        self.throttled = state.throttled
+
 
 LIMITER_ATTRIBUTES = ("rate_limiter", "rx_rate_limiter", "tx_rate_limiter")  # where devices keep them
 
@@ -130,6 +167,25 @@ def rate_limiters_of(device: object) -> list[RateLimiter]:
     """The limiters a device has (attributes named as in :data:`LIMITER_ATTRIBUTES`)."""
     found = (getattr(device, attribute, None) for attribute in LIMITER_ATTRIBUTES)
     return [limiter for limiter in found if isinstance(limiter, RateLimiter)]
+
+
+def save_rate_limiter(limiter: RateLimiter | None) -> RateLimiterState | None:
+    return limiter.save_state() if limiter is not None else None
+
+
+def check_rate_limiter(limiter: RateLimiter | None, state: RateLimiterState | None, what: str) -> None:
+    """DeviceStateError unless a limiter was saved exactly when this device has one, with the same buckets."""
+    if (limiter is None) != (state is None):
+        raise DeviceStateError(f"{what}: the saved device {'has' if state else 'has no'} rate limiter; this one "
+                               f"{'has' if limiter else 'has none'} (the configuration differs)")
+    if limiter is not None and state is not None:
+        limiter.check_state(state, what)
+
+
+def restore_rate_limiter(limiter: RateLimiter | None, state: RateLimiterState | None, what: str) -> None:
+    check_rate_limiter(limiter, state, what)
+    if limiter is not None and state is not None:
+        limiter.restore_state(state, what)
 
 
 def make_rate_limiter(config: RateLimiterConfig | None, clock: Clock = time.monotonic) -> RateLimiter | None:

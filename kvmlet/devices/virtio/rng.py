@@ -11,10 +11,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from kvmlet.devices.state import RngState, VirtioDeviceState, expect_state
 from kvmlet.devices.virtio.constants import DeviceType
 from kvmlet.devices.virtio.device import VirtioDevice
 from kvmlet.devices.virtio.queue import DescriptorChain
-from kvmlet.devices.virtio.ratelimit import RateLimiter
+from kvmlet.devices.virtio.ratelimit import (
+    RateLimiter,
+    check_rate_limiter,
+    restore_rate_limiter,
+    save_rate_limiter,
+)
 
 QUEUE_SIZE = 256
 MAX_REQUEST_BYTES = 64 * 1024
@@ -57,5 +63,21 @@ class VirtioRng(VirtioDevice):
         written = chain.writable.write(os.getrandom(count))
         self.stats.requests += 1
         self.stats.bytes += written
-        queue.push(chain.head, written)
+        queue.complete(chain, written)
         return True
+
+    # -- snapshots ----------------------------------------------------------------------------------
+    def save_state(self) -> RngState:
+        stats = self.stats
+        return RngState(requests=stats.requests, bytes=stats.bytes, refused=stats.refused,
+                        throttled=stats.throttled, rate_limiter=save_rate_limiter(self.rate_limiter))
+
+    def check_state(self, state: VirtioDeviceState) -> None:
+        saved = expect_state(state, RngState, self.name)
+        check_rate_limiter(self.rate_limiter, saved.rate_limiter, self.name)
+
+    def restore_state(self, state: VirtioDeviceState) -> None:
+        self.check_state(state)
+        assert isinstance(state, RngState)
+        self.stats = EntropyStats(state.requests, state.bytes, state.refused, state.throttled)
+        restore_rate_limiter(self.rate_limiter, state.rate_limiter, self.name)

@@ -1,7 +1,11 @@
 """virtio-vsock (virtio 1.2 section 5.10) with a Unix-socket host side, in the manner of Firecracker.
 
 The guest has CID ``guest_cid``; the host is CID 2. Stream sockets only. Queues: rx (device to driver),
-tx (driver to device), event (kept, unused: there is no transport reset to report).
+tx (driver to device), event (device to driver: VIRTIO_VSOCK_EVENT_TRANSPORT_RESET after a restore).
+
+Snapshots save the guest's CID and no connection: a restored device has none, and tells the guest so with a
+transport reset event (5.10.6.7) as soon as the guest has a buffer on the event queue, as Firecracker does;
+the guest then resets its sockets and reads its CID again.
 
 Host side, all on Unix stream sockets:
 
@@ -36,10 +40,12 @@ import functools
 import logging
 import os
 import socket
+import struct
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvmlet.devices.state import DeviceStateError, VirtioDeviceState, VsockState, expect_state
 from kvmlet.devices.virtio.constants import DeviceType, feature_bit
 from kvmlet.devices.virtio.device import VirtioDevice
 from kvmlet.devices.virtio.queue import DescriptorChain
@@ -75,6 +81,8 @@ WARNING_INTERVAL = 10.0          # seconds: at most one warning of each kind per
 ACCEPT_RETRY_DELAY = 0.5         # seconds the listener rests when the host is out of file descriptors
 _OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _KNOWN_OPS = frozenset(int(op) for op in Op if op is not Op.INVALID)
+EVENT = struct.Struct("<I")              # struct virtio_vsock_event: le32 id
+VIRTIO_VSOCK_EVENT_TRANSPORT_RESET = 0
 log = logging.getLogger("kvmlet.virtio")
 
 
@@ -91,6 +99,8 @@ class VsockStats:
     connect_failures: int = 0
     credit_violations: int = 0        # guest data beyond the credit (BUF_ALLOC): connection reset
     bad_rx_buffers: int = 0
+    bad_event_buffers: int = 0        # event-queue chains too short for an event (given back unused)
+    transport_resets: int = 0         # VIRTIO_VSOCK_EVENT_TRANSPORT_RESET events given to the guest
     connections_refused: int = 0      # guest REQUESTs refused: MAX_CONNECTIONS, or no descriptor on the host
     host_connects_refused: int = 0    # host clients closed: MAX_CONNECTIONS, MAX_PENDING_HOST_CONNECTS, ...
     accept_failures: int = 0          # the listener could not accept (it rests ACCEPT_RETRY_DELAY)
@@ -129,6 +139,7 @@ class VirtioVsock(VirtioDevice):
         self._clients: set[HostClient] = set()
         self._next_port = FIRST_LOCAL_PORT
         self._closed = False
+        self._transport_reset_pending = False   # a restore: the guest must hear of it on the event queue
         self._listener = listen_unix(self.uds_path)
         self.watcher.watch_read(self._listener.fileno(), self._accept)
 
@@ -142,6 +153,7 @@ class VirtioVsock(VirtioDevice):
     # -- lifecycle -----------------------------------------------------------------------------------------
     def on_reset(self) -> None:
         with self._lock:
+            self._transport_reset_pending = False
             for conn in list(self._tables.connections.values()):
                 conn.queued = False  # the whole reply queue goes: no need to take each one out
                 self._close(conn)
@@ -177,6 +189,51 @@ class VirtioVsock(VirtioDevice):
                 self.drain_queue(self.queues[TX_QUEUE], self._handle_tx)
             if index in (RX_QUEUE, TX_QUEUE):
                 self._fill_rx()
+            elif index == EVENT_QUEUE:
+                self._send_events()
+
+    def _send_events(self) -> None:
+        """Give the guest the transport reset event, if one is due, in its first usable event buffer."""
+        queue = self.queues[EVENT_QUEUE]
+        if not self._transport_reset_pending or not queue.ready:
+            return
+        try:
+            while True:
+                chain = queue.pop()
+                if chain is None:
+                    if queue.enable_notification():
+                        continue
+                    return         # the guest's notification of a new buffer comes back here
+                if chain.readable.length or chain.writable.length < EVENT.size:
+                    self.stats.bad_event_buffers += 1
+                    queue.push(chain.head, 0)
+                    continue
+                chain.writable.write(EVENT.pack(VIRTIO_VSOCK_EVENT_TRANSPORT_RESET))
+                queue.complete(chain, EVENT.size)
+                self._transport_reset_pending = False
+                self.stats.transport_resets += 1
+                return
+        finally:
+            self._signal_if_needed(queue)
+
+    # -- snapshots ------------------------------------------------------------------------------------------
+    def save_state(self) -> VsockState:
+        return VsockState(guest_cid=self.guest_cid)
+
+    def check_state(self, state: VirtioDeviceState) -> None:
+        saved = expect_state(state, VsockState, self.name)
+        if not 3 <= saved.guest_cid < U32:
+            raise DeviceStateError(f"{self.name}: the saved guest CID {saved.guest_cid} is not between 3 and "
+                                   f"{U32 - 1}")
+
+    def restore_state(self, state: VirtioDeviceState) -> None:
+        """The guest keeps its CID; its connections are gone, which a transport reset event tells it (sent
+        when the transport runs the event queue: at once after a restore, or at resume)."""
+        self.check_state(state)
+        assert isinstance(state, VsockState)
+        self.guest_cid = state.guest_cid
+        with self._lock:
+            self._transport_reset_pending = self.active
 
     def _kick_rx(self) -> None:
         """From a socket callback (device lock not held): have the transport run the rx queue."""
@@ -394,7 +451,7 @@ class VirtioVsock(VirtioDevice):
                 if used is None:
                     queue.undo_pop()
                     continue
-                queue.push(chain.head, used)
+                queue.complete(chain, used)
                 self.stats.rx_packets += 1
         finally:
             self._signal_if_needed(queue)
