@@ -61,14 +61,16 @@ def capture(vcpu: Vcpu, msr_indices: list[int]) -> VcpuState:
         events=bytes(vcpu.get_vcpu_events()))
 
 
-def restore(vcpu: Vcpu, state: VcpuState) -> list[str]:
-    """Put ``state`` into a vCPU that has not run yet; returns what could not be restored on this host."""
+def restore(vcpu: Vcpu, state: VcpuState, *, cpuid_set: bool = False) -> list[str]:
+    """Put ``state`` into a vCPU that has not run yet; returns what could not be restored on this host.
+    ``cpuid_set``: the caller has already set the saved CPUID (e.g. to check it against the host)."""
     from kvmlet.kvm import constants as c
 
     if state.version != STATE_VERSION:
         raise KvmError(0, f"vCPU {state.vcpu_id}: state version {state.version}, kvmlet reads {STATE_VERSION}")
     warnings: list[str] = []
-    vcpu.set_cpuid(state.cpuid)
+    if not cpuid_set:
+        vcpu.set_cpuid(state.cpuid)
     if state.tsc_khz and state.tsc_khz != vcpu.get_tsc_khz():
         try:
             vcpu.set_tsc_khz(state.tsc_khz)

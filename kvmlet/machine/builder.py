@@ -177,17 +177,19 @@ def load_kernel(machine: Machine, kernel: KernelImage, initrd: bytes | None) -> 
     machine.timeline.mark("image-loaded")
 
 
-def create_vcpus(machine: Machine, *, boot: bool) -> None:
-    """Every vCPU with its CPUID and MSRs; with ``boot``, vCPU 0 gets the boot protocol's registers."""
+def create_vcpus(machine: Machine, *, boot: bool, configure: bool = True) -> None:
+    """Every vCPU with its CPUID and MSRs; with ``boot``, vCPU 0 gets the boot protocol's registers.
+    ``configure=False`` (a restore, which sets every vCPU's saved state next): the vCPUs only."""
     from kvmlet.cpu.setup import configure_vcpu, set_boot_registers
     from kvmlet.vcpu_runner import VcpuThread
 
     assert machine.kvm is not None and machine.vm is not None
-    supported = machine.kvm.supported_cpuid()
+    supported = machine.kvm.supported_cpuid() if configure else []
     count = machine.config.machine_config.vcpu_count
     for index in range(count):
         vcpu = machine.vm.create_vcpu(index)
-        machine.warnings.extend(configure_vcpu(vcpu, supported, count))
+        if configure:
+            machine.warnings.extend(configure_vcpu(vcpu, supported, count))
         if boot and index == 0:
             assert machine.boot_info is not None
             set_boot_registers(vcpu, machine.boot_info.cpu_state)

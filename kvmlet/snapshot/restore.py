@@ -12,6 +12,7 @@ The machine returned has not run: ``start()`` runs it, ``start(paused=True)`` le
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from pathlib import Path
@@ -129,13 +130,13 @@ def load_snapshot(params: SnapshotLoadParams, events: EventLoopThread, *, consol
         events.start()
         machine.devices.pause()    # held until start(): no completion may beat the interrupt controllers
         machine.devices.restore_state(devices)
-        create_vcpus(machine, boot=False)
+        create_vcpus(machine, boot=False, configure=False)
         pvm = _pvm_host()
         for vcpu, state in zip(machine.vcpus, vcpus, strict=True):
             check_cpuid(snapshot, vcpu, state, supported, pvm)
         vm_state.restore(machine.vm, vm)
         for vcpu, state in zip(machine.vcpus, vcpus, strict=True):
-            machine.warnings.extend(cpu_state.restore(vcpu, state))
+            machine.warnings.extend(cpu_state.restore(vcpu, state, cpuid_set=pvm))
         machine.generation_id = write_generation_id(memory)
         machine.restored_from = str(snapshot.path)
         machine.timeline.mark("restored")
@@ -150,6 +151,7 @@ def load_snapshot(params: SnapshotLoadParams, events: EventLoopThread, *, consol
     return machine
 
 
+@functools.cache
 def _pvm_host() -> bool:
     from kvmlet.host.model import Backend
     from kvmlet.host.virt import detect_backend
