@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import socket
 import termios
 import threading
@@ -287,7 +288,13 @@ def test_stdio_console_on_a_terminal_uses_raw_mode_and_the_escape(events: EventL
         os.write(master, b"\x01x")
         assert stopped.wait(5)
         guest_write(uart, b"bye\n")
-        assert wait_until(lambda: b"bye" in os.read(master, 100))
+        seen = bytearray()
+
+        def bye_arrived() -> bool:   # never blocks: a read that would wait fails the test instead of hanging it
+            if select.select([master], [], [], 0.05)[0]:
+                seen.extend(os.read(master, 100))
+            return b"bye" in seen
+        assert wait_until(bye_arrived), bytes(seen)
     finally:
         console.close()
     assert termios.tcgetattr(slave) == before

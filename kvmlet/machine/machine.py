@@ -66,6 +66,7 @@ class Machine:
         self.generation_id = b""                     # the VM generation ID (VMGENID) the guest sees
         self.restored_from: str | None = None        # the snapshot this machine was restored from
         self.background_copy_ms: float | None = None  # a restore's background copy of its memory file
+        self._console_snapshots = 0
 
     @property
     def serial(self) -> Serial8250 | None:
@@ -257,6 +258,36 @@ class Machine:
                     raise MachineError(f"vCPU {thread.vcpu.id} did not stop within {timeout:g} s")
             self._set_exit(ExitStatus(StopKind.STOPPED, "stopped by the VMM", 130))
             self.state = VmState.STOPPED
+
+    def snapshot_from_console(self) -> None:
+        """The console's Ctrl-A s: pause, save ``kvmlet-<pid>-<n>.snap`` and ``.mem`` in the working directory,
+        resume; on a thread of its own (pausing waits for the event loop, which delivered the keys)."""
+        threading.Thread(target=self._save_snapshot_here, name="kvmlet-snapshot", daemon=True).start()
+
+    def _save_snapshot_here(self) -> None:
+        import os
+        from pathlib import Path
+
+        from kvmlet.errors import KvmletError
+        from kvmlet.snapshot.create import create_snapshot
+
+        self._console_snapshots += 1
+        stem = Path.cwd() / f"kvmlet-{os.getpid()}-{self._console_snapshots}"
+        state, memory = stem.with_suffix(".snap"), stem.with_suffix(".mem")
+        try:
+            was_running = self.state is VmState.RUNNING
+            if was_running:
+                self.pause()
+            try:
+                result = create_snapshot(self, state, memory)
+            finally:
+                if was_running:
+                    self.resume()
+            message = f"snapshot saved: {state} and {memory} ({result.total_ms:.0f} ms)"
+        except KvmletError as exc:
+            message = f"snapshot failed: {exc}"
+        if self.console is not None:
+            self.console.write(f"\r\n[kvmlet: {message}]\r\n".encode())
 
     def send_ctrl_alt_del(self) -> None:
         """Press and release Ctrl+Alt+Del on the i8042 keyboard (Firecracker's SendCtrlAltDel)."""

@@ -162,16 +162,18 @@ class StdioConsole(Console):
     """Output to stdout's file descriptor, input from stdin.
 
     On a TTY, stdin is put in raw mode (no echo, no line editing, no signals: Ctrl-C goes to the guest) and
-    restored on close; Ctrl-A x calls ``on_escape`` (stop the VM), Ctrl-A Ctrl-A sends a Ctrl-A, Ctrl-A h
-    prints help. Output post-processing is left on, so a guest's bare LF still starts a new line. When
+    restored on close; Ctrl-A x calls ``on_escape`` (stop the VM), Ctrl-A s ``on_snapshot`` (save one),
+    Ctrl-A Ctrl-A sends a Ctrl-A, Ctrl-A h prints help.
+    Output post-processing is left on, so a guest's bare LF still starts a new line. When
     stdin is not a TTY (a pipe or file) it is read until end of file, without escapes.
     """
 
     def __init__(self, on_escape: Callable[[], None] | None = None, *, stdin_fd: int = 0,
-                 stdout_fd: int = 1) -> None:
+                 stdout_fd: int = 1, on_snapshot: Callable[[], None] | None = None) -> None:
         self._stdin_fd = stdin_fd
         self._stdout_fd = stdout_fd
         self._on_escape = on_escape
+        self._on_snapshot = on_snapshot
         self._escape = EscapeFilter()
         self._saved_termios: list[Any] | None = None  # termios attributes
         self._events: EventLoopThread | None = None
@@ -288,6 +290,11 @@ class StdioConsole(Console):
     def _escape_action(self, action: EscapeAction) -> None:
         if action is EscapeAction.HELP:
             self.write(ESCAPE_HELP.replace(b"\n", b"\r\n"))
+        elif action is EscapeAction.SNAPSHOT:
+            if self._on_snapshot is not None:
+                self._on_snapshot()
+            else:
+                self.write(b"\r\n[kvmlet: no snapshot handler for Ctrl-A s]\r\n")
         elif action is EscapeAction.QUIT:
             if self._on_escape is not None:
                 self._on_escape()
@@ -368,14 +375,15 @@ class BufferConsole(Console):
 CONSOLE_SPECS = "stdio, file:PATH, socket:PATH or none"
 
 
-def console_from_spec(spec: str, *, on_escape: Callable[[], None] | None = None) -> Console:
+def console_from_spec(spec: str, *, on_escape: Callable[[], None] | None = None,
+                      on_snapshot: Callable[[], None] | None = None) -> Console:
     """Make the back end a spec names: ``stdio``, ``file:PATH``, ``socket:PATH`` or ``none``.
 
-    ``on_escape`` is what Ctrl-A x does on a stdio TTY (normally: stop the VM).
+    ``on_escape`` is what Ctrl-A x does on a stdio TTY (normally: stop the VM), ``on_snapshot`` Ctrl-A s.
     """
     kind, colon, argument = spec.partition(":")
     if kind == "stdio" and not colon:
-        return StdioConsole(on_escape)
+        return StdioConsole(on_escape, on_snapshot=on_snapshot)
     if kind == "none" and not colon:
         return NullConsole()
     if kind in ("file", "socket") and colon:

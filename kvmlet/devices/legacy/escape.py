@@ -1,6 +1,7 @@
 """The console escape sequence on a terminal: Ctrl-A followed by a command key (as QEMU's -nographic).
 
-Ctrl-A x stops the VM, Ctrl-A h prints help, Ctrl-A Ctrl-A sends one Ctrl-A to the guest. Ctrl-A followed by
+Ctrl-A x stops the VM, Ctrl-A s saves a snapshot (docs/snapshots.md), Ctrl-A h prints help, Ctrl-A Ctrl-A
+sends one Ctrl-A to the guest. Ctrl-A followed by
 any other key sends both bytes to the guest unchanged.
 """
 
@@ -12,6 +13,7 @@ ESCAPE_BYTE = 0x01  # Ctrl-A
 
 ESCAPE_HELP = (b"\n[kvmlet console]\n"
                b"  Ctrl-A x       stop the VM\n"
+               b"  Ctrl-A s       save a snapshot (kvmlet-<pid>-<n>.snap and .mem here)\n"
                b"  Ctrl-A Ctrl-A  send Ctrl-A to the guest\n"
                b"  Ctrl-A h       this help\n")
 
@@ -19,9 +21,11 @@ ESCAPE_HELP = (b"\n[kvmlet console]\n"
 class EscapeAction(Enum):
     QUIT = "quit"
     HELP = "help"
+    SNAPSHOT = "snapshot"
 
 
 _COMMANDS = {ord("x"): EscapeAction.QUIT, ord("X"): EscapeAction.QUIT,
+             ord("s"): EscapeAction.SNAPSHOT, ord("S"): EscapeAction.SNAPSHOT,
              ord("h"): EscapeAction.HELP, ord("?"): EscapeAction.HELP}
 
 
