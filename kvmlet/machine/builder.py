@@ -157,7 +157,8 @@ def add_devices(machine: Machine) -> None:
 
     assert machine.devices is not None
     if machine.console is None:
-        machine.console = console_from_spec(machine.config.console, on_escape=machine.request_stop)
+        machine.console = console_from_spec(machine.config.console, on_escape=machine.request_stop,
+                                            on_snapshot=machine.snapshot_from_console)
     machine.legacy = add_legacy_devices(machine.devices, machine.console, on_first_byte=machine.first_byte,
                                         on_reset=machine.guest_reset, on_exit=machine.guest_exit)
     add_configured_devices(machine.devices, machine.config)
