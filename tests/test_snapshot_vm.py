@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from kvmlet.kvm.cpuid import CpuidEntry
 from tests.support.apiclient import ApiServer, guest_boot_source
 
 SNAPWORK = "kvmlet.snap_mib=8 kvmlet.snap_rounds=100 kvmlet.snap_every=4"
@@ -311,3 +312,57 @@ def test_snapshot_needs_a_paused_vm_and_diff_needs_tracking(servers: Servers, gu
     assert not (tmp_path / "s").exists() and not (tmp_path / "m").exists()
     status, reply = api.call("PUT", "/snapshot/load", {"snapshot_path": "x", "mem_file_path": "y"})
     assert status == 400 and "after starting" in reply["fault_message"]
+
+
+def _lacking_bit(saved: list[CpuidEntry]) -> tuple[str, int]:
+    """A leaf 7.0 feature register and bit that this host's KVM gives no vCPU (neither in its supported table
+    nor, under PVM, in what KVM_GET_CPUID2 returns after the saved table is set)."""
+    from kvmlet.kvm.system import Kvm
+
+    kvm = Kvm()
+    try:
+        vm = kvm.create_vm()
+        vcpu = vm.create_vcpu(0)
+        vcpu.set_cpuid(saved)
+        tables = [kvm.supported_cpuid(), vcpu.get_cpuid()]
+        vm.close()
+    finally:
+        kvm.close()
+    for register in ("edx", "ecx", "ebx"):
+        have = 0
+        for table in tables:
+            have |= next((getattr(e, register) for e in table if (e.function, e.index) == (7, 0)), 0)
+        for bit in range(31, 0, -1):
+            if not have & (1 << bit) and not (register == "ecx" and bit == 4):
+                return register, 1 << bit
+    raise AssertionError("this host offers every leaf 7 feature bit")
+
+
+def test_a_cpuid_this_host_cannot_give_is_refused(servers: Servers, saved: tuple[Path, Path],
+                                                  tmp_path: Path) -> None:
+    import dataclasses
+
+    import msgspec
+
+    from kvmlet.cpu.state import VcpuState
+    from kvmlet.snapshot.format import SnapshotFile, write_snapshot
+
+    state, memory = saved
+    snapshot = SnapshotFile(state)
+    vcpu = snapshot.section("vcpu0", VcpuState)
+    register, bit = _lacking_bit(list(vcpu.cpuid))
+    cpuid = tuple(dataclasses.replace(e, **{register: getattr(e, register) | bit}) if (e.function, e.index) == (7, 0)
+                  else e for e in vcpu.cpuid)
+    sections: dict[str, object] = {name: msgspec.msgpack.Decoder().decode(snapshot._sections[name])
+                                   for name in snapshot.section_names}
+    sections["vcpu0"] = dataclasses.replace(vcpu, cpuid=cpuid)
+    header = snapshot.header
+    changed = tmp_path / "cpuid.snap"
+    write_snapshot(changed, kvmlet_version=header.kvmlet_version, cpu_vendor=header.cpu_vendor,
+                   created_unix_ms=header.created_unix_ms, vm_config=header.vm_config, memory=header.memory,
+                   sections=sections)
+    api = servers.new("vm")
+    status, reply = api.call("PUT", "/snapshot/load", {
+        "snapshot_path": str(changed), "mem_backend": {"backend_type": "File", "backend_path": str(memory)}})
+    assert status == 400 and f"CPUID leaf 0x7.0 {register} bits {bit:#x}" in reply["fault_message"], reply
+    assert api.state() == "Not started"
