@@ -4,24 +4,28 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from bench import tools
+from bench import snapshot, tools
 from bench.console import BenchError
 from bench.context import Context, Sizes
 from bench.model import BenchResult, Row, Series, Target
-from bench.registry import BENCHMARKS
+from bench.registry import BENCHMARKS, Benchmark
 from bench.table import render_markdown, render_text
 from bench.vmms import REPO, kvmlet_env
 
 RESULTS_DIR = REPO / "bench" / "results"
+# The snapshot benchmark takes its own sizes (--snapshot-*): registered here, bound to them in main().
+BENCHMARKS.setdefault(snapshot.NAME, Benchmark(snapshot.NAME, snapshot.SUMMARY, snapshot.run))
 PLOT_DIR = REPO / "docs" / "performance"
 
 
@@ -48,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--blk-direct-ops", type=int,
                         help="random reads per blk run with O_DIRECT (default 10000; 0: no direct I/O rows)")
     parser.add_argument("--net-frames", type=int, help="UDP frames the guest sends per net run (default 100000)")
+    parser.add_argument("--snapshot-mib", type=_mib_list,
+                        help="guest sizes of the snapshot benchmark, MiB, comma-separated (default 128,1024,4096)")
+    parser.add_argument("--snapshot-touch-mib", type=int,
+                        help="MiB the guest writes before its snapshot and after its restore (default 64)")
+    parser.add_argument("--snapshot-rounds", type=int, help="kvmlet/QEMU pairs per snapshot size (default --rounds)")
     parser.add_argument("--no-qemu", action="store_true", help="run only kvmlet's half")
     parser.add_argument("--python-flags", default="",
                         help="interpreter flags for kvmlet's processes, e.g. '-S' (default: none)")
@@ -72,6 +81,28 @@ def sizes_from(args: argparse.Namespace) -> Sizes:
         if value is not None:
             setattr(sizes, attribute, value)
     return sizes
+
+
+def _mib_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected MiB, comma-separated (e.g. 128,1024)") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected positive MiB, comma-separated")
+    return values
+
+
+def snapshot_sizes_from(args: argparse.Namespace, sizes: Sizes) -> snapshot.SnapshotSizes:
+    out = snapshot.SnapshotSizes.tiny() if args.tiny else snapshot.SnapshotSizes.following(sizes)
+    for option, attribute in (("snapshot_mib", "guest_mib"), ("snapshot_touch_mib", "touch_mib"),
+                              ("snapshot_rounds", "rounds")):
+        value = getattr(args, option)
+        if value is not None:
+            setattr(out, attribute, value)
+    if args.warmup is not None:
+        out.warmup = args.warmup
+    return out
 
 
 def host_report() -> dict[str, Any]:
@@ -131,14 +162,18 @@ def report(results: list[BenchResult], args: argparse.Namespace) -> None:
             print(f"plot: {path}", file=sys.stderr)
 
 
-def run_benchmarks(names: list[str], ctx: Context) -> tuple[list[BenchResult], list[str]]:
+def run_benchmarks(names: list[str], ctx: Context,
+                   runners: Mapping[str, Callable[[Context], BenchResult]] | None = None,
+                   ) -> tuple[list[BenchResult], list[str]]:
+    """Run the benchmarks named; ``runners`` replaces a benchmark's ``run`` (one bound to its own sizes)."""
     results: list[BenchResult] = []
     errors: list[str] = []
     for name in names:
         ctx.log(f"== {name}: {BENCHMARKS[name].summary}")
         started = time.monotonic()
+        run = (runners or {}).get(name, BENCHMARKS[name].run)
         try:
-            result = BENCHMARKS[name].run(ctx)
+            result = run(ctx)
         except (BenchError, OSError, subprocess.SubprocessError) as exc:
             errors.append(f"{name}: {exc}")
             print(f"bench: {name} failed: {exc}", file=sys.stderr)
@@ -187,17 +222,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
     sizes = sizes_from(args)
+    snapshot_sizes = snapshot_sizes_from(args, sizes)
     started = datetime.datetime.now(datetime.UTC)
     with tempfile.TemporaryDirectory(prefix="kvmlet-bench-") as work:
         ctx = Context(sizes, guest, None if args.no_qemu else qemu.path, gcc.path, Path(work),
                       tuple(args.python_flags.split()), verbose=not args.quiet, missing=missing)
-        results, errors = run_benchmarks(names, ctx)
+        results, errors = run_benchmarks(
+            names, ctx, {snapshot.NAME: functools.partial(snapshot.run, sizes=snapshot_sizes)})
     output = {
         "date": started.isoformat(timespec="seconds"),
         "argv": sys.argv if argv is None else ["python", "-m", "bench", *argv],
         "python": sys.version.split()[0], "python_flags": args.python_flags,
         "qemu": ctx.qemu, "missing": missing, "errors": errors,
-        "sizes": sizes.to_json(), "host": host_report(), "loadavg": os.getloadavg(),
+        "sizes": {**sizes.to_json(), "snapshot": snapshot_sizes.to_json()},
+        "host": host_report(), "loadavg": os.getloadavg(),
         "results": [result.to_json() for result in results],
     }
     path = args.json or RESULTS_DIR / f"results-{started.strftime('%Y%m%dT%H%M%S')}.json"

@@ -116,3 +116,31 @@ def test_kvmlet_bench_and_python_m_bench_from_the_repo_root() -> None:
         listed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
         assert listed.returncode == 0, listed.stderr
         assert all(name in listed.stdout for name in BENCHMARKS)
+
+
+def test_snapshot_benchmark_restores_and_compares(guest_elf: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """The snapshot benchmark at its tiny size (one 32 MiB guest, 4 MiB written, one round): kvmlet's
+    create and both restores, QEMU's save and -incoming when QEMU is installed, the files' sizes, the verdict."""
+    have_qemu = shutil.which(tools.QEMU_BINARY) is not None
+    data = _run_bench(tmp_path, "snapshot", *(() if have_qemu else ("--no-qemu",)))
+    assert data["sizes"]["snapshot"]["guest_mib"] == [32]
+    result = _by_name(data)["snapshot"]
+    rows = {row["metric"].strip(): row for row in result["rows"]}
+    create = rows["32 MiB: create (paused VM to files written)"]
+    restore = rows["32 MiB: restore, resume_vm, mem_copy none (QEMU: migrate-incoming to cont)"]
+    assert create["kvmlet"]["median"] > 0 and restore["kvmlet"]["median"] > 0
+    assert restore["target"] == "<=5 ms"
+    allocated = rows["snapshot files, allocated on disk"]["kvmlet"]["median"]
+    apparent = rows["snapshot files, apparent size"]["kvmlet"]["median"]
+    assert 4 <= allocated < apparent          # the memory file is sparse: what the guest wrote, not 32 MiB
+    first_pass = rows["32 MiB: first 4 MiB pass after restore, mem_copy none vs background"]
+    assert first_pass["baseline"]["side"] == "kvmlet-bg" and first_pass["ratio_median"] > 0
+    assert "serves the restored guest better" in first_pass["note"]
+    assert rows["guest RAM resident after the passes, none vs background"]["baseline"]["median"] >= 4
+    if have_qemu:
+        for row in (create, restore, rows["restore request to the guest's first answer (echo)"]):
+            assert row["baseline"]["side"] == "qemu" and row["ratio_median"] > 0, row["metric"]
+    else:
+        assert result["skipped"]
+    assert "serves the restored guest better" in capsys.readouterr().out
