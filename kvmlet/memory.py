@@ -184,18 +184,26 @@ class GuestMemory:
         self._dirty = None
         return self
 
-    def populate(self, chunk: int = 2 * MiB, stop: Callable[[], bool] | None = None) -> bool:
-        """Fault in every page for writing (``MADV_POPULATE_WRITE``), chunk by chunk: for a copy-on-write
-        mapping this makes each page the VM's own copy now instead of at the guest's first write to it.
-        Releases the GIL between chunks (ctypes); ``stop()`` ends it early. False if the kernel cannot."""
+    def populate(self, ranges: Sequence[tuple[int, int]] | None = None, chunk: int = 2 * MiB,
+                 stop: Callable[[], bool] | None = None) -> bool:
+        """Fault in the pages of ``ranges`` ((gpa, length); default all memory) for writing
+        (``MADV_POPULATE_WRITE``), chunk by chunk: for a copy-on-write mapping this makes each page the VM's
+        own copy now instead of at the guest's first write to it. Releases the GIL between chunks (ctypes);
+        ``stop()`` ends it early. False if the kernel cannot (before Linux 5.14) or the memory went away."""
         libc = ctypes.CDLL(None, use_errno=True)
         libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        for region in list(self.regions):
-            for offset in range(0, region.size, chunk):
+        if ranges is None:
+            ranges = [(region.gpa, region.size) for region in self.regions]
+        for gpa, length in ranges:
+            try:
+                region = self.region_of(gpa, length)
+            except GuestMemoryError:
+                return False
+            start = region.host_address + (gpa - region.gpa)
+            for offset in range(0, length, chunk):
                 if stop is not None and stop():
                     return True
-                length = min(chunk, region.size - offset)
-                if libc.madvise(region.host_address + offset, length, _MADV_POPULATE_WRITE) != 0:
+                if libc.madvise(start + offset, min(chunk, length - offset), _MADV_POPULATE_WRITE) != 0:
                     return False
         return True
 

@@ -285,6 +285,7 @@ class Vmm:
                 raise StateError("Loading a microVM snapshot not allowed after configuring boot-specific "
                                  "resources.")
             self._starting = True
+            requested = time.perf_counter()
             try:
                 machine = load_snapshot(params, self.events, console_spec=config.console)
                 machine.on_stop.append(self._machine_stopped)
@@ -298,6 +299,7 @@ class Vmm:
             finally:
                 self._starting = False
             self.machine = machine
+            _log_restore(machine, params.snapshot_path, requested)
             from kvmlet.config import to_builtins
 
             restored = msgspec.convert(to_builtins(machine.config), VmConfig)
@@ -354,6 +356,24 @@ class Vmm:
         with self._lock:
             if self.machine is not None:
                 self.machine.close()
+
+
+def _log_restore(machine: Machine, path: str, requested: float) -> None:
+    """Log how long the load took, step by step, once the first vCPU has entered KVM_RUN (on a thread of its
+    own: the request does not wait for it)."""
+    def report() -> None:
+        thread = machine.threads[0] if machine.threads else None
+        deadline = time.monotonic() + 2.0
+        while thread is not None and thread.first_run_at is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+        marks = machine.timeline.marks
+        steps = ", ".join(f"{name} {1000 * (marks[name] - requested):.1f}" for name in
+                          ("snapshot-read", "vm-created", "vcpus-created", "restored", "start") if name in marks)
+        first = (f"; first KVM_RUN at {1000 * (thread.first_run_at - requested):.1f} ms"
+                 if thread is not None and thread.first_run_at is not None else "")
+        log.info("Snapshot loaded from %s (ms from the request: %s)%s", path, steps, first)
+
+    threading.Thread(target=report, name="kvmlet-restore-log", daemon=True).start()
 
 
 class StartError(KvmletError):

@@ -182,8 +182,10 @@ def serve(options: ServeOptions) -> int:
 
 def _preload() -> None:
     from kvmlet.machine.builder import preload
+    from kvmlet.snapshot.restore import preload as preload_restore
 
     preload()
+    preload_restore()
 
 
 def _shutdown(vmm: object, server: object, events: object, api_sock: Path | None) -> None:

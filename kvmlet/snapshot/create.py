@@ -87,7 +87,8 @@ def create_snapshot(machine: Machine, snapshot_path: Path, mem_file_path: Path,
             machine.memory.requeue_dirty(dirty)   # the next diff still covers these pages
         raise
     done = time.perf_counter()
-    return SnapshotResult(snapshot_type, memory.data_bytes, dirty_page_count(dirty) if dirty is not None else 0,
+    return SnapshotResult(snapshot_type, memory.data_bytes,
+                          dirty_page_count(dirty) if dirty is not None and snapshot_type == "Diff" else 0,
                           (state_done - started) * 1000, (memory_done - state_done) * 1000,
                           (done - memory_done) * 1000, (done - started) * 1000)
 

@@ -41,6 +41,25 @@ def _data_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
         offset = hole
 
 
+def data_runs(path: Path, memory: GuestMemory) -> list[tuple[int, int]]:
+    """(guest-physical address, length) of each part of a memory file that holds data (SEEK_DATA), for a
+    background copy that skips the holes; the whole memory if the file system cannot tell."""
+    out: list[tuple[int, int]] = []
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return [(region.gpa, region.size) for region in memory.regions]
+    try:
+        for region in memory.regions:
+            for begin, end in _data_extents(fd, region.fd_offset, region.fd_offset + region.size):
+                out.append((region.gpa + begin - region.fd_offset, end - begin))
+    except OSError:
+        return [(region.gpa, region.size) for region in memory.regions]
+    finally:
+        os.close(fd)
+    return out
+
+
 def _nonzero_chunks(region: MemoryRegion) -> Iterator[tuple[int, int]]:
     """[begin, end) offsets in the region of the chunks that do not read as zeros (memcmp: a memoryview
     comparison is several times slower)."""
