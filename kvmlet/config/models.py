@@ -110,8 +110,9 @@ class MachineConfig(Model):
         if self.smt:
             raise ConfigError("machine-config: smt=true is not supported (each vCPU is its own core)")
         if self.cpu_template not in (None, "None"):
-            raise ConfigError(f"machine-config: cpu_template {self.cpu_template!r}: CPU templates are not "
-                              "supported yet (use PUT /cpu-config to store a custom template)")
+            from kvmlet.cpu.models import check_cpu_template
+
+            check_cpu_template(self.cpu_template)
         if max_vcpus is not None and self.vcpu_count > max_vcpus:
             raise ConfigError(f"machine-config: vcpu_count {self.vcpu_count} is more than this host's KVM "
                               f"allows ({max_vcpus})")
@@ -303,7 +304,8 @@ class MsrModifier(Model):
 
 
 class CpuConfig(Model):
-    """``PUT /cpu-config``: a custom CPU template in Firecracker's format (stored; applied by CPU models)."""
+    """``PUT /cpu-config``: a custom CPU template in Firecracker's format, applied at InstanceStart over the
+    CPU model (kvmlet.cpu.template)."""
 
     kvm_capabilities: list[str] = msgspec.field(default_factory=list)
     cpuid_modifiers: list[CpuidLeafModifier] = msgspec.field(default_factory=list)
@@ -312,11 +314,9 @@ class CpuConfig(Model):
     reg_modifiers: list[dict[str, Any]] = msgspec.field(default_factory=list)
 
     def validate(self) -> None:
-        for leaf in self.cpuid_modifiers:
-            for modifier in leaf.modifiers:
-                check_bitmap(modifier.bitmap, 32, f"cpu-config: leaf {leaf.leaf} {modifier.register}")
-        for msr in self.msr_modifiers:
-            check_bitmap(msr.bitmap, 64, f"cpu-config: MSR {msr.addr}")
+        from kvmlet.cpu.template import parse_template
+
+        parse_template(self)   # bitmaps, numbers, x86 parts only: ConfigError (TemplateError) naming the field
 
 
 # -- the whole VM -----------------------------------------------------------------------------------
@@ -407,12 +407,6 @@ def format_mac(mac: bytes) -> str:
     return ":".join(f"{b:02x}" for b in mac)
 
 
-def check_bitmap(bitmap: str, bits: int, label: str) -> None:
-    body = bitmap[2:] if bitmap.startswith("0b") else bitmap
-    if len(body) != bits or set(body) - set("01x"):
-        raise ConfigError(f"{label}: bitmap must be 0b followed by {bits} characters 0, 1 or x")
-
-
 def check_writable_path(path: str, label: str) -> None:
     parent = Path(path).parent
     if not parent.is_dir():
@@ -447,12 +441,19 @@ class SnapshotCreateParams(Model):
     snapshot_type: SnapshotType = "Full"
 
     def validate(self) -> None:
-        for field_name in ("snapshot_path", "mem_file_path"):
-            path = Path(getattr(self, field_name))
-            if not path.parent.is_dir():
-                raise ConfigError(f"snapshot: {field_name} {path}: directory {path.parent} does not exist")
-        if Path(self.snapshot_path).resolve() == Path(self.mem_file_path).resolve():
-            raise ConfigError("snapshot: snapshot_path and mem_file_path are the same file")
+        try:
+            for field_name in ("snapshot_path", "mem_file_path"):
+                if not getattr(self, field_name):
+                    raise ConfigError(f"snapshot: {field_name} is empty")
+                path = Path(getattr(self, field_name))
+                if path.is_dir():
+                    raise ConfigError(f"snapshot: {field_name} {path} is a directory")
+                if not path.parent.is_dir():
+                    raise ConfigError(f"snapshot: {field_name} {path}: directory {path.parent} does not exist")
+            if Path(self.snapshot_path).resolve() == Path(self.mem_file_path).resolve():
+                raise ConfigError("snapshot: snapshot_path and mem_file_path are the same file")
+        except OSError as exc:   # a name too long, a loop of links...
+            raise ConfigError(f"snapshot: {exc.filename}: {exc.strerror}") from None
 
 
 class MemBackend(Model):

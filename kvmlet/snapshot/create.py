@@ -20,7 +20,7 @@ from kvmlet.cpu import state as cpu_state
 from kvmlet.errors import StateError
 from kvmlet.snapshot import vm_state
 from kvmlet.snapshot.dirty import dirty_page_count
-from kvmlet.snapshot.format import write_snapshot
+from kvmlet.snapshot.format import SnapshotError, write_snapshot
 from kvmlet.snapshot.memory_file import write_memory_file
 
 if TYPE_CHECKING:
@@ -60,6 +60,16 @@ def create_snapshot(machine: Machine, snapshot_path: Path, mem_file_path: Path,
     if snapshot_type == "Diff" and (machine.dirty_log is None or not machine.dirty_log.enabled):
         raise StateError("a Diff snapshot needs dirty page tracking: set track_dirty_pages in machine-config "
                          "(or enable_diff_snapshots when loading a snapshot)")
+    try:
+        return _create(machine, snapshot_path, mem_file_path, snapshot_type, started)
+    except OSError as exc:      # anything the file writers did not already name (they raise SnapshotError)
+        raise SnapshotError(f"snapshot {snapshot_path}: {exc.strerror or exc}") from None
+
+
+def _create(machine: Machine, snapshot_path: Path, mem_file_path: Path, snapshot_type: SnapshotType,
+            started: float) -> SnapshotResult:
+    assert machine.memory is not None and machine.kvm is not None and machine.vm is not None
+    assert machine.devices is not None
     if snapshot_path.resolve() == mem_file_path.resolve():
         raise StateError("snapshot_path and mem_file_path are the same file")
     if machine.memory.private_file is not None and _same_file(mem_file_path, Path(machine.memory.private_file)):
