@@ -17,6 +17,9 @@ def _run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                      help="a Firecracker-style JSON VM configuration (the flags below add to it or override it)")
     run.add_argument("--vcpus", type=int, help="number of vCPUs (default 1)")
     run.add_argument("--memory", help="guest memory, e.g. 128M or 2G (default 128M)")
+    run.add_argument("--cpu-model", metavar="NAME|FILE",
+                     help="the vCPUs' CPU: host (default), a model of 'kvmlet cpu list', a model file or a "
+                          "custom template (Firecracker's JSON)")
     run.add_argument("--boot", choices=("auto", "linux64", "pvh"),
                      help="boot protocol: the 64-bit Linux entry or the PVH entry (default auto)")
     run.add_argument("--console",
@@ -57,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     from kvmlet.snapshot.cli import add_parser as add_snapshot_parser
 
     add_snapshot_parser(sub)
+    from kvmlet.cpu.cli import add_parser as add_cpu_parser
+
+    add_cpu_parser(sub)
     host = sub.add_parser("host", help="what this host offers for virtualization")
     host.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_parser("bench", add_help=False,
@@ -91,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         from kvmlet.snapshot.cli import main as snapshot_main
 
         return snapshot_main(args)
+    if args.command == "cpu":
+        from kvmlet.cpu.cli import main as cpu_main
+
+        return cpu_main(args)
     if args.command == "serve":
         from kvmlet.api.serve import ServeOptions, serve
 

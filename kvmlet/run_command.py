@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, TypeVar
 from kvmlet.errors import ConfigError
 
 if TYPE_CHECKING:
-    from kvmlet.config import VmConfig
+    from kvmlet.config import MachineConfig, VmConfig
 
 T = TypeVar("T")
 
@@ -128,6 +128,10 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
             raise ConfigError(f"--memory {args.memory}: kvmlet needs at least {MIN_MEM_SIZE_MIB} MiB")
         changes["machine_config"] = _checked(MachineConfig, vcpu_count=vcpus, mem_size_mib=memory,
                                              cpu_template=machine.cpu_template)
+    if getattr(args, "cpu_model", None) is not None:
+        machine_config = changes.get("machine_config", config.machine_config)
+        assert isinstance(machine_config, MachineConfig)
+        changes.update(cpu_model_changes(args.cpu_model, machine_config))
     if args.drive:
         changes["drives"] = [*config.drives, *(parse_drive(spec, n)
                                                for n, spec in enumerate(args.drive, len(config.drives)))]
@@ -142,6 +146,30 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
     if args.console is not None:
         changes["console"] = args.console
     return with_builtin_guest(msgspec.structs.replace(config, **changes))
+
+
+def cpu_model_changes(spec: str, machine: MachineConfig) -> dict[str, object]:
+    """``--cpu-model NAME|FILE``: a model name or model file goes to machine-config's cpu_template, a
+    custom template (Firecracker's JSON) to cpu-config."""
+    import json
+    from pathlib import Path
+
+    import msgspec
+
+    from kvmlet.cpu.models import check_cpu_template, is_model_file
+    from kvmlet.cpu.template import is_template, load_template
+
+    if is_model_file(spec):
+        try:
+            data = json.loads(Path(spec).read_text())
+        except OSError as exc:
+            raise ConfigError(f"--cpu-model {spec}: {exc.strerror}") from None
+        except ValueError as exc:
+            raise ConfigError(f"--cpu-model {spec}: not JSON ({exc})") from None
+        if is_template(data):
+            return {"cpu_config": load_template(spec)}
+    check_cpu_template(spec)
+    return {"machine_config": msgspec.structs.replace(machine, cpu_template=spec)}
 
 
 def _checked(model: type[T], **fields: object) -> T:

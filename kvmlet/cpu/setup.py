@@ -6,8 +6,8 @@ import struct
 from collections.abc import Sequence
 
 from kvmlet.boot.cpu_state import BootCpuState, Segment
-from kvmlet.cpu.cpuid import vcpu_cpuid
 from kvmlet.cpu.msrs import boot_msrs
+from kvmlet.cpu.plan import CpuPlan, host_plan
 from kvmlet.kvm import structs as s
 from kvmlet.kvm.cpuid import CpuidEntry
 from kvmlet.kvm.vcpu import Vcpu
@@ -69,18 +69,25 @@ def set_local_interrupts(vcpu: Vcpu) -> None:
     vcpu.set_lapic(lapic)
 
 
-def configure_vcpu(vcpu: Vcpu, supported_cpuid: Sequence[CpuidEntry], vcpu_count: int) -> list[str]:
-    """CPUID, MSRs and LAPIC for any vCPU (boot CPU or AP); returns warnings (MSRs KVM refused)."""
-    vcpu.set_cpuid(vcpu_cpuid(supported_cpuid, vcpu.id, vcpu_count))
+def configure_vcpu(vcpu: Vcpu, cpu: CpuPlan | Sequence[CpuidEntry], vcpu_count: int) -> list[str]:
+    """CPUID, MSRs and LAPIC for any vCPU (boot CPU or AP), before its first KVM_RUN. ``cpu`` is the VM's
+    plan (:func:`kvmlet.cpu.plan.plan_cpu`), or KVM's supported CPUID for the host's CPU. Returns
+    warnings (MSRs KVM refused)."""
+    plan = cpu if isinstance(cpu, CpuPlan) else host_plan(cpu)
+    vcpu.set_cpuid(plan.vcpu_cpuid(vcpu.id, vcpu_count))
     warnings: list[str] = []
-    remaining = boot_msrs()
+    remaining = {**boot_msrs(), **plan.msrs}
+    if plan.template is not None and plan.template.msrs:
+        addresses = [modifier.address for modifier in plan.template.msrs]
+        current = {**vcpu.get_msrs(addresses), **plan.msrs}
+        remaining.update(plan.template.apply_msrs(current))
     while remaining:  # KVM_SET_MSRS stops at the first MSR it refuses: name it, set the rest
         done = vcpu.set_msrs(remaining)
         items = list(remaining.items())
         if done >= len(items):
             break
         refused, _ = items[done]
-        warnings.append(f"vCPU {vcpu.id}: KVM refused boot MSR {refused:#x}; the guest sees its reset value")
+        warnings.append(f"vCPU {vcpu.id}: KVM refused MSR {refused:#x}; the guest sees its reset value")
         remaining = dict(items[done + 1:])
     set_local_interrupts(vcpu)
     return warnings

@@ -179,18 +179,21 @@ def load_kernel(machine: Machine, kernel: KernelImage, initrd: bytes | None) -> 
 
 
 def create_vcpus(machine: Machine, *, boot: bool, configure: bool = True) -> None:
-    """Every vCPU with its CPUID and MSRs; with ``boot``, vCPU 0 gets the boot protocol's registers.
+    """Every vCPU with its CPUID and MSRs (the CPU model and custom template, checked against this host
+    first: kvmlet.cpu.plan); with ``boot``, vCPU 0 gets the boot protocol's registers.
     ``configure=False`` (a restore, which sets every vCPU's saved state next): the vCPUs only."""
+    from kvmlet.cpu.plan import plan_cpu
     from kvmlet.cpu.setup import configure_vcpu, set_boot_registers
     from kvmlet.vcpu_runner import VcpuThread
 
     assert machine.kvm is not None and machine.vm is not None
-    supported = machine.kvm.supported_cpuid() if configure else []
-    count = machine.config.machine_config.vcpu_count
+    config = machine.config
+    cpu = plan_cpu(machine.kvm, config.machine_config.cpu_template, config.cpu_config) if configure else None
+    count = config.machine_config.vcpu_count
     for index in range(count):
         vcpu = machine.vm.create_vcpu(index)
-        if configure:
-            machine.warnings.extend(configure_vcpu(vcpu, supported, count))
+        if cpu is not None:
+            machine.warnings.extend(configure_vcpu(vcpu, cpu, count))
         if boot and index == 0:
             assert machine.boot_info is not None
             set_boot_registers(vcpu, machine.boot_info.cpu_state)
