@@ -35,7 +35,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                       help="back drive DRIVE with another file (repeatable)")
     load.add_argument("--vsock-override", metavar="PATH", help="the vsock device's Unix socket")
     load.add_argument("--mem-copy", choices=("none", "background"),
-                      help="copy the memory file into the VM's memory in the background (default: none)")
+                      help="background: copy the memory file's data into the VM's memory on a thread after restore "
+                           "(default); none: page by page at the guest's first writes")
     load.add_argument("--track-dirty-pages", action="store_true", help="allow diff snapshots of the restored VM")
     load.add_argument("--timeout", type=float, help="stop the VM after this many seconds")
     describe = actions.add_parser("describe", help="print what a state file holds")
