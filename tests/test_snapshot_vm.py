@@ -366,3 +366,65 @@ def test_a_cpuid_this_host_cannot_give_is_refused(servers: Servers, saved: tuple
         "snapshot_path": str(changed), "mem_backend": {"backend_type": "File", "backend_path": str(memory)}})
     assert status == 400 and f"CPUID leaf 0x7.0 {register} bits {bit:#x}" in reply["fault_message"], reply
     assert api.state() == "Not started"
+
+
+def test_a_request_in_flight_completes_after_restore(guest_elf: Path, tmp_path: Path,
+                                                     reference: tuple[str, bytes]) -> None:
+    """The moment least likely to be hit at random: the guest has made a blk request available and waits for
+    it in HLT, but the device has not taken it (its devices were paused first, so the notification is held).
+    The restored VM, in a `kvmlet snapshot load` process, serves it and finishes like the unsnapshotted run."""
+    import subprocess
+    import sys
+
+    import msgspec
+
+    from kvmlet.config import simple_config
+    from kvmlet.config.models import Drive
+    from kvmlet.devices.legacy.console import BufferConsole
+    from kvmlet.eventloop import EventLoopThread
+    from kvmlet.kvm import constants as c
+    from kvmlet.machine.builder import build_machine
+    from kvmlet.snapshot.create import create_snapshot
+
+    expected_output, expected_disk = reference
+    disk = new_disk(tmp_path / "disk.img")
+    config = simple_config(guest_elf, cmdline=f"console=ttyS0 kvmlet.test=snapwork {SNAPWORK}",
+                           mem_size_mib=MEMORY_MIB, console="none")
+    config = msgspec.structs.replace(config, drives=[Drive(drive_id="data", path_on_host=str(disk),
+                                                           is_root_device=False)])
+    events = EventLoopThread()
+    console = BufferConsole()
+    machine = build_machine(config, events, console=console)
+    try:
+        machine.start()
+        deadline = time.monotonic() + 60
+        while b"snapwork round" not in console.output():
+            assert time.monotonic() < deadline, console.output()[-300:]
+            time.sleep(0.01)
+        assert machine.devices is not None and machine.memory is not None
+        managed = machine.devices.find("drive:data")
+        assert managed is not None and managed.transport is not None
+        queue = managed.transport.queues[0]
+        machine.devices.pause()            # the device holds its notifications; the guest runs on
+        while machine.memory.read_u16(queue.driver_addr + 2) == queue.next_avail:
+            assert time.monotonic() < deadline, "the guest made no request available"
+            time.sleep(0.001)
+        time.sleep(0.05)                    # let it reach its HLT
+        machine.pause()
+        assert machine.memory.read_u16(queue.driver_addr + 2) != queue.next_avail   # still in flight
+        halted = machine.vcpus[0].get_mp_state() == c.MpState.HALTED
+        state, memory = tmp_path / "vm.snap", tmp_path / "vm.mem"
+        create_snapshot(machine, state, memory)
+        before = console.output().decode(errors="replace")
+        copy = tmp_path / "copy.img"
+        shutil.copyfile(disk, copy)
+    finally:
+        machine.close()
+        events.stop()
+    loaded = subprocess.run([sys.executable, "-m", "kvmlet", "snapshot", "load", str(state), "--mem-file", str(memory),
+                             "--drive-override", f"data={copy}", "--console", "stdio"],
+                            capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0, loaded.stderr[-500:]
+    joined = before + loaded.stdout
+    assert joined[joined.index("kvmlet-guest"):] == expected_output, f"halted={halted}"
+    assert copy.read_bytes() == expected_disk
