@@ -13,6 +13,8 @@ from kvmlet.errors import ConfigError
 
 if TYPE_CHECKING:
     from kvmlet.config import MachineConfig, VmConfig
+    from kvmlet.eventloop import EventLoopThread
+    from kvmlet.machine import ExitStatus, Machine
 
 T = TypeVar("T")
 
@@ -179,6 +181,37 @@ def _checked(model: type[T], **fields: object) -> T:
     return decode(encode(fields), model, "command line")
 
 
+def run_in_foreground(machine: Machine, timeout: float | None) -> ExitStatus | None:
+    """Print the machine's warnings, run it until it ends (SIGTERM and SIGINT stop it) and return how it
+    ended; None, said on stderr, if a vCPU could not be stopped."""
+    from kvmlet.machine import MachineError
+
+    for warning in machine.warnings:
+        print(f"kvmlet: warning: {warning}", file=sys.stderr)
+    signal.signal(signal.SIGTERM, lambda signum, frame: machine.request_stop())
+    try:
+        return machine.run(timeout=timeout)
+    except KeyboardInterrupt:  # SIGINT when the console is not a raw terminal
+        machine.request_stop()
+        return machine.wait(10)
+    except MachineError as exc:  # a vCPU that cannot be stopped: say so, release what can be
+        print(f"kvmlet: {exc}", file=sys.stderr)
+        return None
+
+
+def release(machine: Machine, events: EventLoopThread) -> None:
+    """Close the machine and stop the event loop. The process ends next: the kernel's destruction of the VM
+    (15-25 ms asleep on PVM hosts) overlaps with the interpreter's shutdown instead of preceding it."""
+    from kvmlet.machine import MachineError
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        machine.close(wait=False)
+    except MachineError as exc:
+        print(f"kvmlet: {exc}", file=sys.stderr)
+    events.stop()
+
+
 def run_main(args: argparse.Namespace) -> int:
     cli_mark = time.perf_counter()
     from kvmlet.errors import KvmletError
@@ -189,7 +222,7 @@ def run_main(args: argparse.Namespace) -> int:
         print(f"kvmlet: {exc}", file=sys.stderr)
         return 1
     from kvmlet.eventloop import EventLoopThread
-    from kvmlet.machine import MachineError, build_machine
+    from kvmlet.machine import build_machine
     from kvmlet.process import raise_open_file_limit
 
     raise_open_file_limit()
@@ -202,29 +235,14 @@ def run_main(args: argparse.Namespace) -> int:
         return 1
     machine.timeline.marks["cli"] = cli_mark
     try:
-        for warning in machine.warnings:
-            print(f"kvmlet: warning: {warning}", file=sys.stderr)
-        signal.signal(signal.SIGTERM, lambda signum, frame: machine.request_stop())
-        try:
-            status = machine.run(timeout=args.timeout)
-        except KeyboardInterrupt:  # SIGINT when the console is not a raw terminal
-            machine.request_stop()
-            status = machine.wait(10)
-        except MachineError as exc:  # a vCPU that cannot be stopped: say so, release what can be
-            print(f"kvmlet: {exc}", file=sys.stderr)
+        status = run_in_foreground(machine, args.timeout)
+        if status is None:
             return 1
         machine.timeline.mark("exit")
         if args.stats:
             _print_stats(machine.exit_statistics())
     finally:
-        # the process ends next: let the kernel's destruction of the VM (15-25 ms asleep on PVM hosts)
-        # overlap with the interpreter's shutdown instead of preceding it
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        try:
-            machine.close(wait=False)
-        except MachineError as exc:
-            print(f"kvmlet: {exc}", file=sys.stderr)
-        events.stop()
+        release(machine, events)
     if args.boot_timer:
         import kvmlet
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import signal
 import socket
 import sys
 from pathlib import Path
@@ -138,8 +137,8 @@ def _pairs(values: list[str], what: str) -> list[tuple[str, str]]:
 def load(args: argparse.Namespace) -> int:
     from kvmlet.config.models import DriveOverride, NetworkOverride, SnapshotLoadParams, VsockOverride
     from kvmlet.eventloop import EventLoopThread
-    from kvmlet.machine import MachineError
     from kvmlet.process import raise_open_file_limit
+    from kvmlet.run_command import release, run_in_foreground
     from kvmlet.snapshot.restore import load_snapshot
 
     params = SnapshotLoadParams(
@@ -159,24 +158,11 @@ def load(args: argparse.Namespace) -> int:
         events.stop()
         raise
     try:
-        for warning in machine.warnings:
-            print(f"kvmlet: warning: {warning}", file=sys.stderr)
-        signal.signal(signal.SIGTERM, lambda signum, frame: machine.request_stop())
-        try:
-            status = machine.run(timeout=args.timeout)
-        except KeyboardInterrupt:
-            machine.request_stop()
-            status = machine.wait(10)
-        except MachineError as exc:
-            print(f"kvmlet: {exc}", file=sys.stderr)
+        status = run_in_foreground(machine, args.timeout)
+        if status is None:
             return 1
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        try:
-            machine.close(wait=False)
-        except MachineError as exc:
-            print(f"kvmlet: {exc}", file=sys.stderr)
-        events.stop()
+        release(machine, events)
     if status.kind.value != "guest-exit":
         print(f"kvmlet: {status.message}", file=sys.stderr)
     return status.code
