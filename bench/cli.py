@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from bench import snapshot, tools
+from bench import migration, snapshot, tools
 from bench.console import BenchError
 from bench.context import Context, Sizes
 from bench.model import BenchResult, Row, Series, Target
@@ -26,6 +26,7 @@ from bench.vmms import REPO, kvmlet_env
 RESULTS_DIR = REPO / "bench" / "results"
 # The snapshot benchmark takes its own sizes (--snapshot-*): registered here, bound to them in main().
 BENCHMARKS.setdefault(snapshot.NAME, Benchmark(snapshot.NAME, snapshot.SUMMARY, snapshot.run))
+BENCHMARKS.setdefault(migration.NAME, Benchmark(migration.NAME, migration.SUMMARY, migration.run))
 PLOT_DIR = REPO / "docs" / "performance"
 
 
@@ -57,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--snapshot-touch-mib", type=int,
                         help="MiB the guest writes before its snapshot and after its restore (default 64)")
     parser.add_argument("--snapshot-rounds", type=int, help="kvmlet/QEMU pairs per snapshot size (default --rounds)")
+    parser.add_argument("--migration-mib", type=int, help="guest size of the migration benchmark, MiB (default 512)")
+    parser.add_argument("--migration-rates", type=_rate_list,
+                        help="dirtied pages/s of the migration benchmark, comma-separated, 0 for idle "
+                             "(default 0,5000,20000)")
+    parser.add_argument("--migration-rounds", type=int, help="kvmlet/QEMU pairs per migration case (default 3)")
     parser.add_argument("--no-qemu", action="store_true", help="run only kvmlet's half")
     parser.add_argument("--python-flags", default="",
                         help="interpreter flags for kvmlet's processes, e.g. '-S' (default: none)")
@@ -83,6 +89,16 @@ def sizes_from(args: argparse.Namespace) -> Sizes:
     return sizes
 
 
+def _rate_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected pages/s, comma-separated (e.g. 0,5000)") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected pages/s (0 or more), comma-separated")
+    return values
+
+
 def _mib_list(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(part) for part in text.split(",") if part.strip())
@@ -101,6 +117,19 @@ def snapshot_sizes_from(args: argparse.Namespace, sizes: Sizes) -> snapshot.Snap
         if value is not None:
             setattr(out, attribute, value)
     if args.warmup is not None:
+        out.warmup = args.warmup
+    return out
+
+
+def migration_sizes_from(args: argparse.Namespace, sizes: Sizes) -> migration.MigrationSizes:
+    out = migration.MigrationSizes.tiny() if args.tiny else migration.MigrationSizes.following(sizes)
+    if args.migration_mib is not None:
+        out.guest_mib = args.migration_mib
+    if args.migration_rates is not None:
+        out.rates = args.migration_rates
+    if args.migration_rounds is not None:
+        out.rounds = args.migration_rounds
+    if args.warmup is not None and not args.tiny:
         out.warmup = args.warmup
     return out
 
@@ -223,18 +252,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     sizes = sizes_from(args)
     snapshot_sizes = snapshot_sizes_from(args, sizes)
+    migration_sizes = migration_sizes_from(args, sizes)
     started = datetime.datetime.now(datetime.UTC)
     with tempfile.TemporaryDirectory(prefix="kvmlet-bench-") as work:
         ctx = Context(sizes, guest, None if args.no_qemu else qemu.path, gcc.path, Path(work),
                       tuple(args.python_flags.split()), verbose=not args.quiet, missing=missing)
         results, errors = run_benchmarks(
-            names, ctx, {snapshot.NAME: functools.partial(snapshot.run, sizes=snapshot_sizes)})
+            names, ctx, {snapshot.NAME: functools.partial(snapshot.run, sizes=snapshot_sizes),
+                         migration.NAME: functools.partial(migration.run, sizes=migration_sizes)})
     output = {
         "date": started.isoformat(timespec="seconds"),
         "argv": sys.argv if argv is None else ["python", "-m", "bench", *argv],
         "python": sys.version.split()[0], "python_flags": args.python_flags,
         "qemu": ctx.qemu, "missing": missing, "errors": errors,
-        "sizes": {**sizes.to_json(), "snapshot": snapshot_sizes.to_json()},
+        "sizes": {**sizes.to_json(), "snapshot": snapshot_sizes.to_json(), "migration": migration_sizes.to_json()},
         "host": host_report(), "loadavg": os.getloadavg(),
         "results": [result.to_json() for result in results],
     }

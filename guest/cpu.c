@@ -75,6 +75,10 @@ void trap_dispatch(struct trap_frame *f)
     }
     if (f->vector == VEC_SPURIOUS)
         return;
+    if (f->vector >= VEC_MSI0 && f->vector < VEC_MSI0 + 16) {
+        msi_dispatch(f->vector - VEC_MSI0);
+        return;
+    }
 
     kprintf("EXCEPTION %lu rip=0x%lx err=0x%lx\n", f->vector, f->rip, f->error);
     uint64_t cr2 = 0;

@@ -24,6 +24,7 @@
 /* IDT vectors. */
 #define VEC_IRQ0     0x20 /* 8259 master remapped here, slave at 0x28 */
 #define VEC_SPURIOUS 0xff /* local APIC spurious interrupt */
+#define VEC_MSI0     0x50 /* MSI / MSI-X messages: 0x50-0x5f (pci.c counts them) */
 
 #define USER_RFLAGS 0x3002 /* IOPL 3, IF 0 */
 #define TRAMP_BASE  0x10000 /* AP start-up code (SIPI vector 0x10) */
@@ -185,7 +186,13 @@ const char *check_attack_indirect_long(void), *check_attack_queue_flood(void); /
 const char *check_attack_vsock_reuse(void), *check_attack_vsock_conns(void), *check_attack_vsock_flood(void); /* attack_vsock.c */
 
 const char *check_vmgenid(void);  /* vmgenid.c: the ACPI VM generation ID */
+const char *check_pci_probe(void), *check_virtio_pci_msix(void); /* pci.c, virtio_pci.c */
+const char *check_vtd_probe(void), *check_vtd_on(void), *check_vtd_off(void), *check_vtd_fault(void),
+    *check_vtd_stale(void), *check_vtd_isolation(void); /* vtd.c */
+void msi_dispatch(unsigned index); /* pci.c */
 const char *check_snapwork(void); /* snapwork.c: the snapshot workload */
+const char *check_tpm(void);      /* tpm.c: TPM TIS, ACPI TPM2 table, event log replay, PCRs */
+const char *check_dirtyrate(void); /* dirtyrate.c: paced page dirtying (migration benchmarks) */
 
 /* checks.c */
 bool ram_covers(uint64_t start, uint64_t end); /* e820 RAM covers [start, end) */

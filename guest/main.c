@@ -29,6 +29,11 @@ static const struct check checks[] = {
     { "attack-indirect-long", check_attack_indirect_long }, { "attack-queue-flood", check_attack_queue_flood },
     { "attack-vsock-reuse", check_attack_vsock_reuse }, { "attack-vsock-conns", check_attack_vsock_conns }, { "attack-vsock-flood", check_attack_vsock_flood },
     { "vmgenid", check_vmgenid },     { "snapwork", check_snapwork },
+    { "pci-probe", check_pci_probe }, { "virtio-pci-msix", check_virtio_pci_msix },
+    { "vtd-probe", check_vtd_probe }, { "vtd-on", check_vtd_on }, { "vtd-off", check_vtd_off },
+    { "vtd-fault", check_vtd_fault }, { "vtd-stale", check_vtd_stale }, { "vtd-isolation", check_vtd_isolation },
+    { "tpm", check_tpm },
+    { "dirtyrate", check_dirtyrate },
 };
 
 unsigned checks_passed, checks_failed;

@@ -120,6 +120,7 @@ struct virtq {
     uint16_t chain_len[VQ_MAX_SIZE];
     uint64_t cookie[VQ_MAX_SIZE];
     uint64_t notifies; /* QueueNotify writes */
+    uint64_t notify_addr; /* virtio-pci: where this queue's notifications go */
 };
 
 /* One buffer of a chain: device-readable (out) or device-writable (in). */
@@ -141,7 +142,18 @@ struct virtio_dev {
     uint64_t offered;     /* device features (bits 0-63) */
     uint64_t features;    /* negotiated */
     struct virtq *vq[VIRTIO_MAX_QUEUES];
+    /* virtio over PCI (virtio_pci.c); the transport is MMIO unless transport says PCI */
+    uint8_t transport;
+    uint16_t bdf;                           /* bus << 8 | device << 3 | function */
+    uint64_t common, isr, devcfg, notify;   /* the virtio structures, mapped through the BARs */
+    uint32_t notify_mult;
+    uint16_t msix_cap, msix_count, msix_used;
+    bool msix_enabled;
+    uint64_t msix_table, msix_pba;
+    uint64_t dma_offset;                    /* added to every address the device is given (IOVA = GPA + offset) */
 };
+#define VIRTIO_TRANSPORT_MMIO 0
+#define VIRTIO_TRANSPORT_PCI  1
 
 /* virtio_mmio.c: discovery and options. */
 unsigned virtio_discover(struct virtio_dev **devs); /* all transports found (printed once) */
@@ -165,6 +177,7 @@ uint32_t virtio_cfg32(struct virtio_dev *d, unsigned off);
 uint64_t virtio_cfg64(struct virtio_dev *d, unsigned off); /* two 32-bit reads under ConfigGeneration */
 
 /* virtio_mmio.c: memory for rings and buffers (a static, page-aligned pool, reset per check). */
+void dma_pool_range(uint64_t *start, uint64_t *size);
 void dma_reset(void);
 void *dma_alloc(size_t size, size_t align); /* zeroed; NULL when the pool is exhausted */
 

@@ -10,7 +10,7 @@
  * Memory for rings and buffers comes from a static, page-aligned pool in bss
  * (identity mapped, so guest-virtual == guest-physical), reset by each check.
  */
-#include "virtio.h"
+#include "pci.h" /* virtio over PCI: the transport calls below go to virtio_pci.c for PCI devices */
 
 #define MIB (1024ULL * 1024)
 #define DMA_POOL_SIZE (1 * MIB)
@@ -203,6 +203,21 @@ unsigned virtio_discover(struct virtio_dev **out)
         discovered = true;
         parse_device_entries();
         scan();
+        const char *which;
+        size_t wlen;
+        bool want_mmio = true, want_pci = true;
+        if (virtio_option("kvmlet.virtio", &which, &wlen)) { /* kvmlet.virtio=mmio|pci: one transport only */
+            want_mmio = wlen == 4 && memcmp(which, "mmio", 4) == 0;
+            want_pci = wlen == 3 && memcmp(which, "pci", 3) == 0;
+        }
+        if (!want_mmio)
+            ndevs = 0;
+        if (want_pci) {
+            unsigned n = vpci_discover(&devs[ndevs], VIRTIO_MAX_DEVS - ndevs);
+            for (unsigned i = ndevs; i < ndevs + n; i++)
+                dev_list[i] = &devs[i];
+            ndevs += n;
+        }
         if (!ndevs)
             kprintf("VIRTIO no transports found\n");
     }
@@ -232,6 +247,12 @@ struct virtio_dev *virtio_find(uint32_t device_id, const char **why_not)
 
 void dma_reset(void) { dma_used = 0; }
 
+void dma_pool_range(uint64_t *start, uint64_t *size)
+{
+    *start = (uint64_t)dma_pool;
+    *size = DMA_POOL_SIZE;
+}
+
 void *dma_alloc(size_t size, size_t align)
 {
     size_t start = (dma_used + align - 1) & ~(align - 1);
@@ -247,12 +268,18 @@ void *dma_alloc(size_t size, size_t align)
 static inline uint32_t reg_read(struct virtio_dev *d, unsigned off) { return mmio_read32(d->base + off); }
 static inline void reg_write(struct virtio_dev *d, unsigned off, uint32_t v) { mmio_write32(d->base + off, v); }
 
-uint32_t virtio_status(struct virtio_dev *d) { return reg_read(d, VIRTIO_MMIO_STATUS); }
+uint32_t virtio_status(struct virtio_dev *d)
+{
+    return d->transport == VIRTIO_TRANSPORT_PCI ? vpci_status(d) : reg_read(d, VIRTIO_MMIO_STATUS);
+}
 
 void virtio_reset(struct virtio_dev *d)
 {
-    reg_write(d, VIRTIO_MMIO_STATUS, 0);
-    for (int i = 0; i < 1000 && reg_read(d, VIRTIO_MMIO_STATUS) != 0; i++)
+    if (d->transport == VIRTIO_TRANSPORT_PCI)
+        vpci_reset(d);
+    else
+        reg_write(d, VIRTIO_MMIO_STATUS, 0);
+    for (int i = 0; i < 1000 && d->transport != VIRTIO_TRANSPORT_PCI && reg_read(d, VIRTIO_MMIO_STATUS) != 0; i++)
         cpu_pause();
     for (unsigned i = 0; i < VIRTIO_MAX_QUEUES; i++)
         d->vq[i] = NULL;
@@ -260,12 +287,21 @@ void virtio_reset(struct virtio_dev *d)
 
 void virtio_fail(struct virtio_dev *d)
 {
-    reg_write(d, VIRTIO_MMIO_STATUS, reg_read(d, VIRTIO_MMIO_STATUS) | VIRTIO_STATUS_FAILED);
+    if (d->transport == VIRTIO_TRANSPORT_PCI)
+        vpci_set_status(d, vpci_status(d) | VIRTIO_STATUS_FAILED);
+    else
+        reg_write(d, VIRTIO_MMIO_STATUS, reg_read(d, VIRTIO_MMIO_STATUS) | VIRTIO_STATUS_FAILED);
 }
 
 const char *virtio_begin(struct virtio_dev *d, uint64_t wanted)
 {
     static char reason[80];
+    if (d->transport == VIRTIO_TRANSPORT_PCI) {
+        const char *why = vpci_begin(d, wanted);
+        if (why)
+            virtio_fail(d);
+        return why;
+    }
     if (d->version != 2)
         return "legacy transport";
     virtio_reset(d);
@@ -307,12 +343,15 @@ const char *virtio_begin(struct virtio_dev *d, uint64_t wanted)
 const char *virtio_setup_queue(struct virtio_dev *d, unsigned index, bool interrupts, struct virtq **out)
 {
     static char reason[64];
-    reg_write(d, VIRTIO_MMIO_QUEUE_SEL, index);
-    if (reg_read(d, VIRTIO_MMIO_QUEUE_READY) != 0) {
-        ksnprintf(reason, sizeof(reason), "queue %u already ready after reset", index);
-        return reason;
+    bool pci = d->transport == VIRTIO_TRANSPORT_PCI;
+    if (!pci) {
+        reg_write(d, VIRTIO_MMIO_QUEUE_SEL, index);
+        if (reg_read(d, VIRTIO_MMIO_QUEUE_READY) != 0) {
+            ksnprintf(reason, sizeof(reason), "queue %u already ready after reset", index);
+            return reason;
+        }
     }
-    uint32_t max = reg_read(d, VIRTIO_MMIO_QUEUE_SIZE_MAX);
+    uint32_t max = pci ? vpci_queue_max(d, index) : reg_read(d, VIRTIO_MMIO_QUEUE_SIZE_MAX);
     if (max == 0) {
         ksnprintf(reason, sizeof(reason), "queue %u not available (QueueSizeMax 0)", index);
         return reason;
@@ -336,6 +375,16 @@ const char *virtio_setup_queue(struct virtio_dev *d, unsigned index, bool interr
     q->free_head = 0;
     q->num_free = size;
     q->avail->flags = interrupts ? 0 : VIRTQ_AVAIL_F_NO_INTERRUPT;
+    if (pci) {
+        const char *why = vpci_program_queue(d, q, interrupts, &size);
+        if (why)
+            return why;
+        if (index < VIRTIO_MAX_QUEUES)
+            d->vq[index] = q;
+        *out = q;
+        return NULL;
+    }
+    q->notify_addr = d->base + VIRTIO_MMIO_QUEUE_NOTIFY;
 
     uint64_t desc = (uint64_t)q->desc, avail = (uint64_t)q->avail, used = (uint64_t)q->used;
     reg_write(d, VIRTIO_MMIO_QUEUE_SIZE, size);
@@ -354,6 +403,10 @@ const char *virtio_setup_queue(struct virtio_dev *d, unsigned index, bool interr
 
 void virtio_driver_ok(struct virtio_dev *d)
 {
+    if (d->transport == VIRTIO_TRANSPORT_PCI) {
+        vpci_driver_ok(d);
+        return;
+    }
     reg_write(d, VIRTIO_MMIO_STATUS, VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER |
                                          VIRTIO_STATUS_FEATURES_OK | VIRTIO_STATUS_DRIVER_OK);
 }
@@ -362,25 +415,33 @@ void virtio_driver_ok(struct virtio_dev *d)
 
 uint8_t virtio_cfg8(struct virtio_dev *d, unsigned off)
 {
+    if (d->transport == VIRTIO_TRANSPORT_PCI)
+        return (uint8_t)vpci_cfg(d, off, 1);
     return *(volatile uint8_t *)phys(d->base + VIRTIO_MMIO_CONFIG + off);
 }
 
 uint16_t virtio_cfg16(struct virtio_dev *d, unsigned off)
 {
+    if (d->transport == VIRTIO_TRANSPORT_PCI)
+        return (uint16_t)vpci_cfg(d, off, 2);
     return *(volatile uint16_t *)phys(d->base + VIRTIO_MMIO_CONFIG + off);
 }
 
-uint32_t virtio_cfg32(struct virtio_dev *d, unsigned off) { return reg_read(d, VIRTIO_MMIO_CONFIG + off); }
+uint32_t virtio_cfg32(struct virtio_dev *d, unsigned off)
+{
+    return d->transport == VIRTIO_TRANSPORT_PCI ? vpci_cfg(d, off, 4) : reg_read(d, VIRTIO_MMIO_CONFIG + off);
+}
 
 uint64_t virtio_cfg64(struct virtio_dev *d, unsigned off)
 {
     uint32_t gen, lo, hi;
     int tries = 0;
+    bool pci = d->transport == VIRTIO_TRANSPORT_PCI;
     do {
-        gen = reg_read(d, VIRTIO_MMIO_CONFIG_GENERATION);
-        lo = reg_read(d, VIRTIO_MMIO_CONFIG + off);
-        hi = reg_read(d, VIRTIO_MMIO_CONFIG + off + 4);
-    } while (reg_read(d, VIRTIO_MMIO_CONFIG_GENERATION) != gen && ++tries < 16);
+        gen = pci ? vpci_generation(d) : reg_read(d, VIRTIO_MMIO_CONFIG_GENERATION);
+        lo = virtio_cfg32(d, off);
+        hi = virtio_cfg32(d, off + 4);
+    } while ((pci ? vpci_generation(d) : reg_read(d, VIRTIO_MMIO_CONFIG_GENERATION)) != gen && ++tries < 16);
     return (uint64_t)hi << 32 | lo;
 }
 
@@ -393,7 +454,7 @@ int vq_add(struct virtq *q, const struct vbuf *bufs, unsigned n, uint64_t cookie
     uint16_t head = q->free_head, i = head;
     for (unsigned k = 0; k < n; k++) {
         volatile struct virtq_desc *d = &q->desc[i];
-        d->addr = bufs[k].addr;
+        d->addr = bufs[k].addr + q->dev->dma_offset;
         d->len = bufs[k].len;
         /* Free descriptors are linked through next, so a chain of free ones is already linked. */
         d->flags = (bufs[k].device_writes ? VIRTQ_DESC_F_WRITE : 0) | (k + 1 < n ? VIRTQ_DESC_F_NEXT : 0);
@@ -414,7 +475,10 @@ void vq_kick(struct virtq *q)
     q->avail->idx = q->avail_idx;
     mfence(); /* idx visible before used->flags is read */
     if (!(q->used->flags & VIRTQ_USED_F_NO_NOTIFY)) {
-        mmio_write32(q->dev->base + VIRTIO_MMIO_QUEUE_NOTIFY, q->index);
+        if (q->dev->transport == VIRTIO_TRANSPORT_PCI)
+            *(volatile uint16_t *)phys(q->notify_addr) = q->index;
+        else
+            mmio_write32(q->notify_addr, q->index);
         q->notifies++;
     }
 }

@@ -89,6 +89,15 @@ def _print_stats(stats: list[dict[str, object]]) -> None:
             print(f"    {key:<22} {value:>12}", file=err)
 
 
+def _print_iommu_stats(machine: Machine) -> None:
+    """The VT-d unit's counters, one line (the vtd benchmark reads it)."""
+    devices = machine.devices
+    unit = devices.pci.vtd if devices is not None and devices.pci is not None else None
+    if unit is not None:
+        counters = {k: v for k, v in vars(unit.stats).items() if isinstance(v, int)}
+        print("vtd: " + " ".join(f"{key}={value}" for key, value in counters.items()), file=sys.stderr)
+
+
 def config_from_args(args: argparse.Namespace) -> VmConfig:
     """The VM that ``kvmlet run``'s flags (and ``--config-file``) describe; the built-in guest by default."""
     import msgspec
@@ -129,7 +138,11 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
         if memory < MIN_MEM_SIZE_MIB:
             raise ConfigError(f"--memory {args.memory}: kvmlet needs at least {MIN_MEM_SIZE_MIB} MiB")
         changes["machine_config"] = _checked(MachineConfig, vcpu_count=vcpus, mem_size_mib=memory,
-                                             cpu_template=machine.cpu_template)
+                                             cpu_template=machine.cpu_template, iommu=machine.iommu)
+    if getattr(args, "iommu", None) is not None:   # kvmlet: the VT-d unit in front of the PCI devices
+        machine_config = changes.get("machine_config", config.machine_config)
+        assert isinstance(machine_config, MachineConfig)
+        changes["machine_config"] = msgspec.structs.replace(machine_config, iommu=args.iommu)
     if getattr(args, "cpu_model", None) is not None:
         machine_config = changes.get("machine_config", config.machine_config)
         assert isinstance(machine_config, MachineConfig)
@@ -147,6 +160,10 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
         changes["vsock"] = parse_vsock(args.vsock)
     if args.console is not None:
         changes["console"] = args.console
+    if getattr(args, "tpm", None) is not None:
+        from kvmlet.tpm.cli import parse_tpm
+
+        changes["tpm"] = parse_tpm(args.tpm)
     return with_builtin_guest(msgspec.structs.replace(config, **changes))
 
 
@@ -241,6 +258,7 @@ def run_main(args: argparse.Namespace) -> int:
         machine.timeline.mark("exit")
         if args.stats:
             _print_stats(machine.exit_statistics())
+            _print_iommu_stats(machine)
     finally:
         release(machine, events)
     if args.boot_timer:

@@ -58,6 +58,8 @@ class VcpuThread:
         self._pause_requested = False
         self._stop_requested = False
         self.paused = False
+        self._throttle = 0.0            # seconds to stay out of the guest at the next kick (auto-converge)
+        self.throttled_seconds = 0.0    # how long throttling kept the vCPU out of the guest
         self.first_run_at: float | None = None
         self.stop: VcpuStop | None = None
 
@@ -79,6 +81,15 @@ class VcpuThread:
     def request_pause(self) -> None:
         with self._control:
             self._pause_requested = True
+            self._control.notify_all()    # ends a throttle sleep
+        self._kick()
+
+    def throttle(self, seconds: float) -> None:
+        """Keep the vCPU out of the guest for ``seconds`` (a migration's auto-converge): it is kicked out of
+        KVM_RUN and sleeps before it goes back in. The exit path is untouched: the sleep happens where a
+        kick is handled. A pause or stop ends the sleep."""
+        with self._control:
+            self._throttle = seconds
         self._kick()
 
     def wait_paused(self, timeout: float) -> bool:
@@ -121,9 +132,14 @@ class VcpuThread:
 
     # -- the vCPU thread ----------------------------------------------------------------------------
     def _park(self) -> bool:
-        """Handle a kick: park while paused. Returns False when the thread must end."""
+        """Handle a kick: sleep if throttled, park while paused. Returns False when the thread must end."""
         self.vcpu.set_immediate_exit(False)
         with self._control:
+            sleep, self._throttle = self._throttle, 0.0
+            if sleep > 0 and not self._stop_requested and not self._pause_requested:
+                started = time.monotonic()
+                self._control.wait_for(self._interrupted, sleep)
+                self.throttled_seconds += time.monotonic() - started
             if self._stop_requested:
                 return False
             if self._pause_requested:
@@ -133,6 +149,9 @@ class VcpuThread:
                 self.paused = False
                 self._control.notify_all()
             return not self._stop_requested
+
+    def _interrupted(self) -> bool:
+        return self._pause_requested or self._stop_requested
 
     def _resumed(self) -> bool:
         return not self._pause_requested or self._stop_requested

@@ -7,7 +7,9 @@ cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
-DEBIAN_PACKAGES=(build-essential make gcc binutils linux-libc-dev qemu-system-x86 iproute2 dpkg lz4)
+DEBIAN_PACKAGES=(build-essential make gcc binutils linux-libc-dev qemu-system-x86 iproute2 dpkg lz4
+    swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config python3-dev)  # the vTPM (kvmlet.tpm): tpm2-pytss builds against libtss2
+DEBIAN_PACKAGES+=(dpdk dpdk-dev openvswitch-switch-dpdk)  # vhost-user back ends: dpdk-testpmd, OVS with DPDK (kvmlet net)
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -21,7 +23,7 @@ fi
 PYTHON="${PYTHON:-python3}"
 echo "setup: installing kvmlet and its development tools with $($PYTHON --version)"
 # compat mode: a plain path entry instead of an import hook, which costs start-up time on every run
-$PYTHON -m pip install -q --disable-pip-version-check -e '.[dev,bench]' --config-settings editable_mode=compat
+$PYTHON -m pip install -q --disable-pip-version-check -e '.[dev,bench,tpm]' --config-settings editable_mode=compat
 
 echo "setup: building the test guest"
 make -s -C guest

@@ -30,8 +30,9 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection
 from urllib3.connectionpool import HTTPConnectionPool
 
-from kvmlet.api.routes import APP_NAME, OPENAPI_PATH, ROUTES, VMM_VERSION, Action, VmStateChange
+from kvmlet.api.routes import APP_NAME, OPENAPI_PATH, ROUTES, VMM_VERSION, Action, TpmQuoteParams, VmStateChange
 from kvmlet.config import models
+from kvmlet.migration.params import MigrationSendParams, MigrationStateChange, MigrationTls
 
 REPO = Path(__file__).resolve().parent.parent
 BASE_URL = "http://kvmlet.sock"
@@ -67,6 +68,9 @@ MODELS: dict[str, type[msgspec.Struct]] = {
     "SnapshotCreateParams": models.SnapshotCreateParams, "SnapshotLoadParams": models.SnapshotLoadParams,
     "MemBackend": models.MemBackend, "NetworkOverride": models.NetworkOverride,
     "DriveOverride": models.DriveOverride, "VsockOverride": models.VsockOverride,
+    "MigrationSendParams": MigrationSendParams, "MigrationTls": MigrationTls,
+    "MigrationStateChange": MigrationStateChange,
+    "Tpm": models.Tpm, "TpmQuoteParams": TpmQuoteParams,
 }
 BODIES = {
     ("PUT", "/boot-source"): "BootSource", ("PUT", "/machine-config"): "MachineConfig",
@@ -76,6 +80,8 @@ BODIES = {
     ("PUT", "/entropy"): "Entropy", ("PUT", "/logger"): "Logger", ("PUT", "/metrics"): "Metrics",
     ("PUT", "/cpu-config"): "CpuConfig", ("PUT", "/actions"): "InstanceActionInfo", ("PATCH", "/vm"): "Vm",
     ("PUT", "/snapshot/create"): "SnapshotCreateParams", ("PUT", "/snapshot/load"): "SnapshotLoadParams",
+    ("PUT", "/migration/send"): "MigrationSendParams", ("PATCH", "/migration"): "MigrationStateChange",
+    ("PUT", "/tpm"): "Tpm", ("PUT", "/tpm/quote"): "TpmQuoteParams",
 }
 GUEST_ARGS = "console=ttyS0 kvmlet.test=ctrlaltdel kvmlet.timeout=0"   # the guest waits for Ctrl+Alt+Del
 

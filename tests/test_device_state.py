@@ -190,6 +190,29 @@ SAMPLES: list[st.VersionedState] = [
                   keyboard_pending=None, keyboard_scanning=True, scan_code_set=2, resets=1, commands=9),
     st.DebugExitState(writes=1, last_status=3), st.PostCodeState(writes=5, reads=1, last_code=0x80),
 ]
+_MSIX = st.MsixState(enabled=True, function_mask=False, entries=[(0xFEE00000, 0, 0x50, 0), (0, 0, 0, 1)], pending=2)
+_FUNCTION = st.PciFunctionState(config=bytes(range(256)), msix=_MSIX)
+_VTD_FAULT = st.VtdFaultRecordState(iova=0x4000_0000_1000, source_id=8, reason=5, write=True, pending=True)
+SAMPLES += [   # PCI, virtio-pci and the VT-d unit (kvmlet.devices.pci, kvmlet.devices.iommu)
+    _MSIX, _FUNCTION, _VTD_FAULT,
+    st.PciTransportState(device_type=2, status=15, device_features_sel=1, driver_features_sel=1,
+                         driver_features=(1 << 33) | (1 << 32), unknown_driver_features=False, queue_sel=0,
+                         config_generation=1, isr=0, config_vector=0xFFFF, queue_vectors=[0], function=_FUNCTION,
+                         queues=[_queue()], device=_blk_state()),
+    st.PciHostState(config_address=0x8000_0810, bridge=st.PciFunctionState(config=bytes(256))),
+    st.VtdState(gsts=0xC400_0000, rtaddr=0x200000, root=0x200000, ccmd=1 << 59, pfo=False, iqe=False, fri=0,
+                next_record=1,
+                records=[_VTD_FAULT, *[st.VtdFaultRecordState(iova=0, source_id=0, reason=0, write=False,
+                                                              pending=False)] * 7],
+                fectl_im=False, fectl_ip=False, fedata=0x5F, feaddr=0xFEE00000, feuaddr=0, iqh=0x20, iqt=0x20,
+                iqa=0x300000, iwc=True, iectl_im=True, iectl_ip=True, iedata=0, ieaddr=0, ieuaddr=0, iva=0x7000,
+                iotlb=3 << 57),
+]
+SAMPLES += [   # the vTPM (kvmlet.devices.tpm_tis): TIS registers, a half-received command, swtpm's blobs
+    st.TpmState(active_locality=0, requests=[1], seized=[], fifo="reception", buffer=b"\x80\x01\x00\x00",
+                read_offset=0, int_enable=1 << 31, int_status=0, int_vector=0, permanent=b"perm" * 100,
+                volatile=b"vol" * 50, savestate=b"", event_log=b"log"),
+]
 
 
 def _all_state_types() -> set[type]:

@@ -99,7 +99,7 @@ def test_cli_reports_a_bad_drive_in_one_line() -> None:
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "kvmlet: --drive 'path=x.img,speed=fast': unknown key 'speed' (known keys: path, readonly, direct, id, "
-        "root, bps, bps-burst, iops, iops-burst, refill-ms)"]
+        "root, bps, bps-burst, iops, iops-burst, refill-ms, transport)"]
 
 
 def test_cli_reports_a_missing_image(tmp_path: Path) -> None:

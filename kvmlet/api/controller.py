@@ -33,6 +33,7 @@ from kvmlet.config.models import (
     NetworkInterfaceUpdate,
     SnapshotCreateParams,
     SnapshotLoadParams,
+    Tpm,
     VmConfig,
     Vsock,
 )
@@ -41,6 +42,9 @@ from kvmlet.errors import ConfigError, KvmletError, StateError, UnsupportedError
 if TYPE_CHECKING:
     from kvmlet.eventloop import EventLoopThread
     from kvmlet.machine import ExitStatus, Machine
+    from kvmlet.migration.destination import Incoming
+    from kvmlet.migration.params import ListenOptions, MigrationSendParams
+    from kvmlet.migration.source import MigrationSource
     from kvmlet.snapshot.create import SnapshotResult
 
 log = logging.getLogger("kvmlet.api")
@@ -83,10 +87,12 @@ class Vmm:
         self._on_exit = on_exit
         self._starting = False
         self.boot_timer = False       # log the time from InstanceStart to the guest's first console byte
+        self._tpm_quote: dict[str, object] | None = None   # the latest PUT /tpm/quote (kvmlet extension)
         self.startup_us = 0                                     # process start to API ready
         self.metrics_hook: Callable[[Metrics], None] | None = None  # starts the metrics writer
         self.metrics_sink: Callable[[], None] | None = None     # FlushMetrics, set by the metrics writer
         self.logger_sink: Callable[[Logger], None] | None = None
+        self.migration: MigrationSource | Incoming | None = None   # the latest outgoing or the incoming one
 
     # -- state --------------------------------------------------------------------------------------
     @property
@@ -107,6 +113,19 @@ class Vmm:
     def _pre_boot(self) -> None:
         if self.started:
             raise StateError(NOT_SUPPORTED_AFTER_BOOT)
+        if self.migration is not None:
+            from kvmlet.migration.control import RECEIVING, receiving
+
+            if receiving(self):
+                raise StateError(RECEIVING)
+
+    def _not_migrating(self) -> None:
+        """Refuse what would change the VM under an outgoing migration."""
+        if self.migration is not None:
+            from kvmlet.migration.control import IN_PROGRESS, in_progress
+
+            if in_progress(self):
+                raise StateError(IN_PROGRESS)
 
     def _post_boot(self) -> Machine:
         if self.machine is None:
@@ -204,12 +223,33 @@ class Vmm:
             cpu.validate()
             self._replace(cpu_config=cpu)
 
+    def put_tpm(self, tpm: Tpm) -> None:
+        with self._lock:
+            self._pre_boot()
+            tpm.validate()
+            self._replace(tpm=tpm)
+
+    def tpm_quote(self, nonce: str, pcrs: list[int] | None) -> None:
+        """PUT /tpm/quote: quote the running VM's vTPM (kept for GET /tpm/quote)."""
+        from kvmlet.tpm.api import quote
+
+        with self._lock:
+            machine = self._post_boot()
+            self._tpm_quote = quote(machine, nonce, pcrs)
+
+    def last_tpm_quote(self) -> dict[str, object]:
+        quote = self._tpm_quote
+        if quote is None:
+            raise StateError("No TPM quote was made: PUT /tpm/quote first.")
+        return dict(quote)
+
     # -- post-boot updates --------------------------------------------------------------------------
     def patch_drive(self, update: DriveUpdate) -> None:
         from kvmlet.devices.factory import update_drive
 
         with self._lock:
             machine = self._post_boot()
+            self._not_migrating()
             if machine.devices is None:
                 raise StateError(f"cannot update drive {update.drive_id!r}: the VM is {self.state.value}")
             drive = update_drive(machine.devices, update)
@@ -220,6 +260,7 @@ class Vmm:
 
         with self._lock:
             machine = self._post_boot()
+            self._not_migrating()
             if machine.devices is None:
                 raise StateError(f"cannot update interface {update.iface_id!r}: the VM is {self.state.value}")
             net = update_network_interface(machine.devices, update)
@@ -262,6 +303,7 @@ class Vmm:
 
         with self._lock:
             machine = self._post_boot()
+            self._not_migrating()
             if self.state is not InstanceState.PAUSED:
                 raise StateError(f"Create snapshot error: the microVM is {self.state.value.lower()}, not paused "
                                  "(PATCH /vm {\"state\": \"Paused\"} first)")
@@ -339,6 +381,7 @@ class Vmm:
         """PATCH /vm Paused; pausing a paused VM succeeds, as under Firecracker."""
         with self._lock:
             machine = self._post_boot()
+            self._not_migrating()
             if self.state is not InstanceState.PAUSED:
                 machine.pause()
 
@@ -346,13 +389,63 @@ class Vmm:
         """PATCH /vm Resumed; resuming a running VM succeeds, as under Firecracker."""
         with self._lock:
             machine = self._post_boot()
+            self._not_migrating()
             if self.state is not InstanceState.RUNNING:
                 machine.resume()
+
+    # -- live migration (kvmlet extension) -----------------------------------------------------------
+    def migration_send(self, params: MigrationSendParams) -> None:
+        """PUT /migration/send: start migrating the VM; GET /migration follows it."""
+        from kvmlet.migration import control
+
+        with self._lock:
+            control.send(self, self._post_boot(), params)
+
+    def migration_cancel(self) -> None:
+        """PATCH /migration Cancelled: the source VM goes on as before."""
+        from kvmlet.migration import control
+
+        with self._lock:
+            control.cancel(self)
+
+    def migration_status(self) -> dict[str, object]:
+        from kvmlet.migration import control
+
+        return control.status_json(self)
+
+    def migration_listen(self, options: ListenOptions) -> None:
+        """Wait for an incoming migration (``kvmlet serve --migrate-listen``); nothing may be configured."""
+        from kvmlet.migration import control
+
+        with self._lock:
+            self._pre_boot()
+            config = self.config
+            if config.boot_source is not None or config.drives or config.network_interfaces or config.vsock \
+                    or config.entropy is not None:
+                raise StateError("an incoming migration brings its own configuration: configure nothing else")
+            control.listen(self, options)
+
+    def adopt(self, machine: Machine) -> None:
+        """Take over a machine that arrived by migration (running, or paused as it was on the source)."""
+        with self._lock:
+            machine.on_stop.append(self._machine_stopped)
+            from kvmlet.config import to_builtins
+
+            config = self.config
+            self.machine = machine
+            restored = msgspec.convert(to_builtins(machine.config), VmConfig)
+            self.config = msgspec.structs.replace(restored, logger=config.logger, metrics=config.metrics)
+            if machine.exited:      # it ended before it was adopted
+                self._machine_stopped(machine.exit_status)   # type: ignore[arg-type]
 
     def unsupported(self, what: str) -> None:
         raise UnsupportedError(what)
 
     def close(self) -> None:
+        if self.migration is not None:
+            from kvmlet.migration import control
+
+            control.close(self)
         with self._lock:
             if self.machine is not None:
                 self.machine.close()

@@ -4,7 +4,8 @@ One snapshot of counters is collected from the VMM: API requests by method and r
 reason (KVM's binary stats and kvmlet's own counters), and per device its requests, bytes, errors and
 rate-limiter throttling. The JSON lines carry what changed since the previous line, as Firecracker's
 counters do (``utc_timestamp_ms`` and the process start figures are absolute); Prometheus gets the
-running totals, as its counters expect. Lines are written on ``FlushMetrics`` and every 60 s.
+running totals, as its counters expect. Lines are written on ``FlushMetrics`` and every 60 s. Once a VM has
+migrated (either way), the ``migration`` group carries its state and final report (absolute figures).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvmlet.metrics")
 PERIOD = 60.0
-ABSOLUTE = ("utc_timestamp_ms", "api_server")
+ABSOLUTE = ("utc_timestamp_ms", "api_server", "migration")   # migration: the state and the final report
 
 
 def _plain(stats: object) -> dict[str, Any]:
@@ -72,7 +73,7 @@ def collect(vmm: Vmm) -> dict[str, Any]:
                 group = f"block_{device.drive_id.decode(errors='replace').rstrip(chr(0))}"
             elif isinstance(device, VirtioNet):
                 group = f"net_{managed.name.removeprefix('net:')}"
-            elif managed.transport is not None:
+            elif managed.transport is not None or managed.name == "tpm":   # tpm: the vTPM (kvmlet.tpm)
                 group = managed.name
             if not group:
                 continue
@@ -90,6 +91,12 @@ def collect(vmm: Vmm) -> dict[str, Any]:
                     total[key] = total.get(key, 0) + value
     snapshot["vcpu"] = vcpu
     snapshot["vmm"] = {"state": vmm.state.value}
+    if vmm.migration is not None:
+        from kvmlet.migration.control import metrics_group
+
+        migration = metrics_group(vmm)
+        if migration is not None:
+            snapshot["migration"] = migration
     return snapshot
 
 

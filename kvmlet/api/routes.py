@@ -30,6 +30,7 @@ from kvmlet.config.models import (
     NetworkInterfaceUpdate,
     SnapshotCreateParams,
     SnapshotLoadParams,
+    Tpm,
     Vsock,
 )
 from kvmlet.errors import ConfigError
@@ -50,6 +51,13 @@ class Action(msgspec.Struct, forbid_unknown_fields=True):
 
 class VmStateChange(msgspec.Struct, forbid_unknown_fields=True):
     state: Literal["Paused", "Resumed"]
+
+
+class TpmQuoteParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``PUT /tpm/quote`` (kvmlet extension): the verifier's nonce (hex) and the PCRs to quote."""
+
+    nonce: str
+    pcrs: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -179,6 +187,36 @@ def put_snapshot_load(vmm: Vmm, body: bytes, ident: str) -> Response:
     return _no_content(lambda: vmm.snapshot_load(decode(body, SnapshotLoadParams)))
 
 
+def put_tpm(vmm: Vmm, body: bytes, ident: str) -> Response:
+    return _no_content(lambda: vmm.put_tpm(decode(body, Tpm)))
+
+
+def put_tpm_quote(vmm: Vmm, body: bytes, ident: str) -> Response:
+    params = decode(body, TpmQuoteParams)
+    return _no_content(lambda: vmm.tpm_quote(params.nonce, params.pcrs))
+
+
+def get_tpm_quote(vmm: Vmm, body: bytes, ident: str) -> Response:
+    return 200, vmm.last_tpm_quote()
+
+
+def get_migration(vmm: Vmm, body: bytes, ident: str) -> Response:
+    return 200, vmm.migration_status()
+
+
+def put_migration_send(vmm: Vmm, body: bytes, ident: str) -> Response:
+    from kvmlet.migration.params import MigrationSendParams
+
+    return _no_content(lambda: vmm.migration_send(decode(body, MigrationSendParams)))
+
+
+def patch_migration(vmm: Vmm, body: bytes, ident: str) -> Response:
+    from kvmlet.migration.params import MigrationStateChange
+
+    decode(body, MigrationStateChange)
+    return _no_content(vmm.migration_cancel)
+
+
 def _unsupported(what: str) -> Handler:
     def handler(vmm: Vmm, body: bytes, ident: str) -> Response:
         vmm.unsupported(what)
@@ -212,6 +250,12 @@ ROUTES: tuple[Route, ...] = (
     Route("PATCH", "/vm", patch_vm, True),
     Route("PUT", "/snapshot/create", put_snapshot_create, True),
     Route("PUT", "/snapshot/load", put_snapshot_load, True),
+    Route("PUT", "/tpm", put_tpm, True),
+    Route("PUT", "/tpm/quote", put_tpm_quote, True),
+    Route("GET", "/tpm/quote", get_tpm_quote, False),
+    Route("GET", "/migration", get_migration, False),
+    Route("PATCH", "/migration", patch_migration, True),
+    Route("PUT", "/migration/send", put_migration_send, True),
     Route("PUT", "/balloon", _unsupported(BALLOON), True),
     Route("PATCH", "/balloon", _unsupported(BALLOON), True),
     Route("GET", "/balloon", _unsupported(BALLOON), False),

@@ -15,8 +15,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kvmlet.errors import KvmletError
+
+if TYPE_CHECKING:
+    from kvmlet.migration.params import ListenOptions
 
 LEVELS = {"error": logging.ERROR, "warning": logging.WARNING, "warn": logging.WARNING, "info": logging.INFO,
           "debug": logging.DEBUG, "trace": logging.DEBUG, "off": logging.CRITICAL + 10}
@@ -37,6 +41,7 @@ class ServeOptions:
     console: str | None = None
     boot_timer: bool = False
     started_at: float | None = None
+    migrate_listen: ListenOptions | None = None   # wait for an incoming migration (kvmlet extension)
 
 
 class LogFormatter(logging.Formatter):
@@ -160,6 +165,8 @@ def serve(options: ServeOptions) -> int:
                 vmm.put_metrics(config.metrics)
             vmm.config = msgspec.structs.replace(config, metrics=vmm.config.metrics, logger=vmm.config.logger)
             vmm.instance_start()
+        if options.migrate_listen is not None:
+            vmm.migration_listen(options.migrate_listen)
         if listener is not None:
             server = ApiServer(vmm, listener, max_payload=options.max_payload)
             events.run_coroutine(server.start()).result(10)
@@ -182,10 +189,12 @@ def serve(options: ServeOptions) -> int:
 
 def _preload() -> None:
     from kvmlet.machine.builder import preload
+    from kvmlet.migration.control import preload as preload_migration
     from kvmlet.snapshot.restore import preload as preload_restore
 
     preload()
     preload_restore()
+    preload_migration()
 
 
 def _shutdown(vmm: object, server: object, events: object, api_sock: Path | None) -> None:

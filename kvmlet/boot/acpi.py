@@ -10,6 +10,7 @@ address in boot_params.acpi_rsdp_addr and in PVH's start_info as well.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 from kvmlet.boot.errors import BootImageError
 from kvmlet.boot.layout import BIOS_AREA_START, VMGENID_ADDR
@@ -173,10 +174,67 @@ def build_vmgenid_aml(address: int) -> bytes:
     return aml_scope(bytes([AML_ROOT_CHAR]) + aml_name_seg("_SB_"), device)
 
 
-def build_dsdt(vmgenid_address: int | None = VMGENID_ADDR) -> bytes:
-    """The DSDT: the VM generation ID device, or nothing (``vmgenid_address`` None)."""
+# -- the TPM (kvmlet.devices.tpm_tis): a DSDT device and the TPM2 table (TCG ACPI Specification) ----------
+AML_BUFFER_OP = 0x11         # DefBuffer := BufferOp PkgLength BufferSize ByteList
+AML_BYTE_PREFIX = 0x0A       # ByteConst := BytePrefix ByteData
+RESOURCE_MEMORY32_FIXED = 0x86   # large resource item: Fixed Location Memory Range Descriptor (ACPI 6.5, 6.4.3.4)
+RESOURCE_END_TAG = 0x79          # small resource item: End Tag
+TPM_DEVICE = "TPM_"
+TPM_HID = "MSFT0101"             # a TPM 2.0 (Linux's tpm_tis and tpm_crb bind to it)
+TPM2_TABLE_REVISION = 4
+TPM2_PLATFORM_CLIENT = 0
+TPM2_START_METHOD_TIS = 6        # "uses the Memory Mapped I/O interface" (the FIFO / TIS interface)
+
+
+def aml_buffer(data: bytes) -> bytes:
+    """Buffer(){data} := 0x11 PkgLength BufferSize (a ByteConst, or a DWordConst past 255) the bytes."""
+    size = bytes([AML_BYTE_PREFIX, len(data)]) if len(data) < 256 else aml_dword(len(data))
+    body = size + data
+    return bytes([AML_BUFFER_OP]) + aml_pkg_length(len(body)) + body
+
+
+def resource_memory32_fixed(base: int, length: int, writable: bool = True) -> bytes:
+    """Memory32Fixed(ReadWrite|ReadOnly, base, length): 0x86, length 9 (u16), information, base, length."""
+    return struct.pack("<BHBII", RESOURCE_MEMORY32_FIXED, 9, 1 if writable else 0, base, length)
+
+
+def resource_template(*items: bytes) -> bytes:
+    """ResourceTemplate(){items}: a Buffer of the descriptors and an End Tag (checksum 0: not checked)."""
+    return aml_buffer(b"".join(items) + bytes([RESOURCE_END_TAG, 0]))
+
+
+def build_tpm_aml(base: int, size: int) -> bytes:
+    """``Scope(\\_SB) { Device(TPM_) { _HID "MSFT0101", _UID 1, _STA 0x0F, _CRS Memory32Fixed(base, size) } }``."""
+    device = aml_device(TPM_DEVICE, b"".join((
+        aml_name("_HID", aml_string(TPM_HID)),
+        aml_name("_UID", aml_dword(1)),
+        aml_name("_STA", aml_dword(0x0F)),
+        aml_name("_CRS", resource_template(resource_memory32_fixed(base, size))),
+    )))
+    return aml_scope(bytes([AML_ROOT_CHAR]) + aml_name_seg("_SB_"), device)
+
+
+def build_tpm2_table(log_address: int, log_size: int) -> bytes:
+    """The TPM2 table (revision 4) for a TIS interface: platform class, no control area, start method 6,
+    12 bytes of start-method parameters, then the event log's minimum length (LAML) and start (LASA)."""
+    body = struct.pack("<HHQI12sIQ", TPM2_PLATFORM_CLIENT, 0, 0, TPM2_START_METHOD_TIS, bytes(12), log_size,
+                       log_address)
+    return _table(b"TPM2", TPM2_TABLE_REVISION, body)
+
+
+@dataclass(frozen=True)
+class AcpiExtras:
+    """What devices add to the ACPI tables: more tables (listed in the XSDT after the MADT) and AML
+    appended to the DSDT."""
+
+    tables: tuple[bytes, ...] = ()
+    dsdt_aml: bytes = b""
+
+
+def build_dsdt(vmgenid_address: int | None = VMGENID_ADDR, extra_aml: bytes = b"") -> bytes:
+    """The DSDT: the VM generation ID device, or nothing (``vmgenid_address`` None), then ``extra_aml``."""
     aml = build_vmgenid_aml(vmgenid_address) if vmgenid_address is not None else b""
-    return _table(b"DSDT", DSDT_REVISION, aml)
+    return _table(b"DSDT", DSDT_REVISION, aml + extra_aml)
 
 
 # -- tables ----------------------------------------------------------------------------------------
@@ -215,35 +273,41 @@ def build_rsdp(xsdt_address: int) -> bytes:
     return bytes(rsdp)
 
 
-def build_acpi(cpus: int, base: int = ACPI_START, vmgenid_address: int | None = VMGENID_ADDR) -> tuple[bytes, int]:
+def build_acpi(cpus: int, base: int = ACPI_START, vmgenid_address: int | None = VMGENID_ADDR,
+               extras: AcpiExtras | None = None) -> tuple[bytes, int]:
     """The tables laid out at ``base``; returns (bytes, RSDP address). ``vmgenid_address``: where the
-    DSDT says the VM generation ID is (None: no such device)."""
+    DSDT says the VM generation ID is (None: no such device); ``extras``: what devices add."""
 
     def align(n: int) -> int:
         return (n + 15) & ~15
 
     rsdp_at = base
     xsdt_at = base + 0x40
-    dsdt = build_dsdt(vmgenid_address)
+    extras = extras or AcpiExtras()
+    dsdt = build_dsdt(vmgenid_address, extras.dsdt_aml)
     madt = build_madt(cpus)
-    dsdt_at = xsdt_at + 0x40
+    dsdt_at = xsdt_at + 0x40 + 8 * len(extras.tables)
     fadt_at = align(dsdt_at + len(dsdt))
     madt_at = align(fadt_at + FADT_LENGTH)
     fadt = build_fadt(dsdt_at)
-    xsdt = _table(b"XSDT", 1, struct.pack("<QQ", fadt_at, madt_at))
     end = madt_at + len(madt)
+    placed: list[tuple[int, bytes]] = []
+    for extra in extras.tables:
+        placed.append((align(end), extra))
+        end = align(end) + len(extra)
+    xsdt = _table(b"XSDT", 1, struct.pack(f"<{2 + len(placed)}Q", fadt_at, madt_at, *(at for at, _ in placed)))
     if end > ACPI_END:
         raise BootImageError(f"ACPI tables for {cpus} vCPUs need {end - base} bytes; "
                              f"only {ACPI_END - base} fit below {ACPI_END:#x}")
     image = bytearray(end - base)
     for at, blob in ((rsdp_at, build_rsdp(xsdt_at)), (xsdt_at, xsdt), (dsdt_at, dsdt),
-                     (fadt_at, fadt), (madt_at, madt)):
+                     (fadt_at, fadt), (madt_at, madt), *placed):
         image[at - base:at - base + len(blob)] = blob
     return bytes(image), rsdp_at
 
 
-def write_acpi(memory: GuestMemory, cpus: int) -> int:
+def write_acpi(memory: GuestMemory, cpus: int, extras: AcpiExtras | None = None) -> int:
     """Write the ACPI tables into guest memory; returns the RSDP's guest-physical address."""
-    image, rsdp = build_acpi(cpus)
+    image, rsdp = build_acpi(cpus, extras=extras)
     memory.write(ACPI_START, image)
     return rsdp

@@ -18,7 +18,8 @@ initrd go at or above :data:`HIGH_MEMORY_START`.
     0x0b000-0x0efff  4 page directories (2 MiB pages): identity map of 0-4 GiB
     0x20000-0x2ffff  kernel command line (the kernel's own limit is usually 2 KiB)
     0x9fc00-0x9ffff  EBDA, holding the Intel MP floating pointer
-    0xa0000-0xeffff  legacy VGA / option ROM hole: not reported in the e820 map
+    0xa0000-0xeffff  legacy VGA / option ROM hole: not reported in the e820 map (with a vTPM, 0xe0000-0xeffff
+                     holds its event log, reported reserved)
     0xf0000-0xf6fff  BIOS area (reserved in the e820 map): ACPI tables
     0xf7000-0xf700f  BIOS area: the VM generation ID (16 bytes; the rest of its page is left unused)
     0xf8000-0xfffff  BIOS area: the MP configuration table (up to 254 vCPUs)
@@ -87,6 +88,12 @@ MP_CONFIG_ADDR = 0xF8000           # the MP configuration table, in the second h
 # table), so that the guest can map it on its own and a write to it dirties no table.
 VMGENID_ADDR = 0xF7000
 VMGENID_SIZE = 16
+
+# The vTPM's TCG event log (kvmlet.tpm), only in VMs with a vTPM: 64 KiB in the option-ROM part of the VGA hole,
+# which the e820 map then reports reserved; the ACPI TPM2 table's LASA/LAML point here. Not in BOOT_STRUCTURES:
+# VMs without a vTPM leave this range alone (and out of the e820 map).
+TPM_EVENT_LOG_ADDR = 0xE0000
+TPM_EVENT_LOG_SIZE = 0x10000
 
 HIGH_MEMORY_START = 0x100000
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvmlet.boot import bzimage, elf
-from kvmlet.boot.acpi import write_acpi
+from kvmlet.boot.acpi import AcpiExtras, write_acpi
 from kvmlet.boot.cpu_state import BootCpuState, long_mode_state, pvh_state
-from kvmlet.boot.e820 import E820Entry, build_e820
+from kvmlet.boot.e820 import E820Entry, E820Type, build_e820
 from kvmlet.boot.errors import BootImageError
 from kvmlet.boot.gdt import write_gdt_and_idt
 from kvmlet.boot.kernel_info import find_linux_banner, is_pvm_guest_kernel
@@ -153,14 +153,20 @@ def load(
     initrd: bytes | None = None,
     protocol: BootProtocol = BootProtocol.AUTO,
     cpus: int = 1,
+    acpi: AcpiExtras | None = None,
+    reserved: tuple[tuple[int, int], ...] = (),
 ) -> BootInfo:
     """Load ``kernel`` (and ``initrd``) into ``memory`` and write the boot structures.
 
-    Raises BootImageError, naming the problem, if the image is malformed, does not fit, or cannot be
+    ``acpi``: tables and DSDT AML devices add; ``reserved``: (start, size) ranges they keep, reported reserved
+    in the e820 map. Raises BootImageError, naming the problem, if the image is malformed, does not fit, or cannot be
     booted with ``protocol``; or if the command line, initrd or CPU count exceed what fits.
     """
     check_cpu_count(cpus)
     e820 = build_e820(memory)
+    if reserved:   # what devices keep for themselves (the vTPM's event log), reported reserved
+        e820 = sorted([*e820, *(E820Entry(start, size, E820Type.RESERVED) for start, size in reserved)],
+                      key=lambda entry: entry.addr)
     chosen = _resolve_protocol(kernel, protocol)
     header = bzimage.parse_setup_header(kernel.data) if kernel.kind is KernelKind.BZIMAGE else None
     cmdline_bytes = _encode_cmdline(cmdline, kernel, header)
@@ -184,7 +190,7 @@ def load(
     memory.write(CMDLINE_ADDR, cmdline_bytes + b"\0")
     write_gdt_and_idt(memory)
     write_mptable(memory, cpus)
-    rsdp = write_acpi(memory, cpus)
+    rsdp = write_acpi(memory, cpus, acpi)
     if chosen is BootProtocol.PVH:
         memory.write(
             PVH_START_INFO_ADDR, build_start_info(cmdline_addr=CMDLINE_ADDR, memmap=e820, initrd=initrd_span,

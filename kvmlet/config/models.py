@@ -36,6 +36,10 @@ _ID = re.compile(r"^[A-Za-z0-9_]+$")  # Firecracker's resource ids: alphanumeric
 AUTO_TAP = "auto"
 
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+# kvmlet extensions: how a virtio device is attached (virtio-mmio, the default, or virtio-pci with MSI-X), and
+# whether the PCI devices sit behind an emulated Intel VT-d DMA-remapping unit (kvmlet.devices.iommu)
+Transport = Literal["mmio", "pci"]
+Iommu = Literal["none", "vtd"]
 Positive = Annotated[int, msgspec.Meta(gt=0)]
 
 
@@ -101,6 +105,7 @@ class MachineConfig(Model):
     track_dirty_pages: bool = False
     cpu_template: str | None = None
     huge_pages: Literal["None", "2M"] = "None"
+    iommu: Iommu = "none"        # kvmlet extension: "vtd" puts the PCI devices behind a VT-d unit
 
     @property
     def memory_bytes(self) -> int:
@@ -131,6 +136,7 @@ class MachineConfigUpdate(Model):
     track_dirty_pages: bool | None = None
     cpu_template: str | None = None
     huge_pages: Literal["None", "2M"] | None = None
+    iommu: Iommu | None = None
 
     def apply(self, current: MachineConfig) -> MachineConfig:
         changes = {f: getattr(self, f) for f in self.__struct_fields__ if getattr(self, f) is not None}
@@ -151,6 +157,7 @@ class Drive(Model):
     rate_limiter: RateLimiterConfig | None = None
     socket: str | None = None   # vhost-user-blk: not supported
     direct: bool = False        # kvmlet extension: O_DIRECT, bypassing the host page cache
+    transport: Transport = "mmio"   # kvmlet extension: virtio-mmio or virtio-pci
 
     def validate(self) -> None:
         label = f"drive {self.drive_id!r}"
@@ -195,10 +202,24 @@ class NetworkInterface(Model):
     mtu: Annotated[int, msgspec.Meta(ge=68, le=MAX_TAP_MTU)] | None = None
     address: str | None = None
     bridge: str | None = None
+    transport: Transport = "mmio"
+    # kvmlet extension: the data path in a vhost-user back end (its socket; kvmlet connects) instead of a TAP
+    vhost_user_socket: str | None = None
 
     def validate(self) -> None:
         label = f"network interface {self.iface_id!r}"
         check_id(self.iface_id, "iface_id")
+        if self.vhost_user_socket is not None:
+            if not self.vhost_user_socket or len(os.fsencode(self.vhost_user_socket)) > UNIX_PATH_MAX:
+                raise ConfigError(f"{label}: vhost_user_socket {self.vhost_user_socket!r} is not a Unix socket "
+                                  f"path (1 to {UNIX_PATH_MAX} bytes)")
+            if self.transport != "mmio":
+                raise ConfigError(f"{label}: a vhost-user interface needs transport mmio (its back end interrupts "
+                                  "the guest through the device's one irqfd; virtio-pci MSI-X is not wired for it)")
+            for field_name in ("address", "bridge", "rx_rate_limiter", "tx_rate_limiter"):
+                if getattr(self, field_name) is not None:
+                    raise ConfigError(f"{label}: {field_name} applies to TAP interfaces; a vhost-user interface's "
+                                      "host side and limits belong to its back end (see kvmlet net)")
         if not 1 <= self.queues <= MAX_QUEUE_PAIRS:
             raise ConfigError(f"{label}: queues {self.queues}: choose 1 to {MAX_QUEUE_PAIRS} queue pairs")
         if self.mtu is not None and not 68 <= self.mtu <= MAX_TAP_MTU:
@@ -236,6 +257,7 @@ class Vsock(Model):
     guest_cid: Annotated[int, msgspec.Meta(ge=3, le=MAX_CID)]
     uds_path: str
     vsock_id: str | None = None  # deprecated by Firecracker, accepted and ignored
+    transport: Transport = "mmio"   # kvmlet extension
 
     def validate(self) -> None:
         uds = Path(self.uds_path)
@@ -248,10 +270,33 @@ class Vsock(Model):
             raise ConfigError(f"vsock: uds_path {uds} exists and is not a socket")
 
 
+class Tpm(Model):
+    """``PUT /tpm`` (kvmlet extension): a vTPM (swtpm behind a TPM TIS interface), a measured launch and,
+    optionally, a signed launch policy that must allow what is launched (docs/tpm.md)."""
+
+    state_dir: str | None = None    # the vTPM's state (kept: EK, keys, NV); none: a new vTPM removed with the VM
+    policy: str | None = None       # a signed launch policy file
+    policy_key: str | None = None   # the Ed25519 public key the policy must be signed with
+
+    def validate(self) -> None:
+        if (self.policy is None) != (self.policy_key is None):
+            raise ConfigError("tpm: give both policy and policy_key (the key that must have signed the policy)")
+        for label, path in (("policy", self.policy), ("policy_key", self.policy_key)):
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"tpm: {label} {path} does not exist or is not a file")
+        if self.state_dir is not None:
+            state = Path(self.state_dir)
+            if state.exists() and not state.is_dir():
+                raise ConfigError(f"tpm: state_dir {state} is not a directory")
+            if not state.exists() and not state.parent.is_dir():
+                raise ConfigError(f"tpm: state_dir {state}: directory {state.parent} does not exist")
+
+
 class Entropy(Model):
     """``PUT /entropy``: a virtio-rng device, optionally rate limited."""
 
     rate_limiter: RateLimiterConfig | None = None
+    transport: Transport = "mmio"   # kvmlet extension
 
     def validate(self) -> None:
         if self.rate_limiter is not None:
@@ -332,6 +377,7 @@ class VmConfig(Model):
     logger: Logger | None = None
     metrics: Metrics | None = None
     cpu_config: CpuConfig | None = msgspec.field(default=None, name="cpu-config")
+    tpm: Tpm | None = None   # kvmlet extension: a vTPM and a measured launch
     console: str = "stdio"   # kvmlet extension: stdio | file:PATH | socket:PATH | none
 
     def validate(self, max_vcpus: int | None = None, *, restoring: bool = False) -> None:
@@ -354,7 +400,7 @@ class VmConfig(Model):
                 if n.guest_mac is not None], "guest_mac")
         for net in self.network_interfaces:
             net.validate()
-        for part in (self.vsock, self.entropy, self.logger, self.metrics, self.cpu_config):
+        for part in (self.vsock, self.entropy, self.logger, self.metrics, self.cpu_config, self.tpm):
             if part is not None:
                 part.validate()
 

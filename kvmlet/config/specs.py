@@ -4,11 +4,17 @@
 [,iops-burst=N][,refill-ms=MS]`` (a bare first item is the path), ``--rng [bps=SIZE][,bps-burst=SIZE]
 [,refill-ms=MS]``, ``--net tap=NAME|auto[,id=NAME][,mac=02:..][,queues=N][,offload=on|off][,mtu=N]
 [,address=IP/LEN][,bridge=BR][,rx-bps=SIZE][,rx-pps=N][,tx-...][,...-burst=N][,refill-ms=MS]`` (a bare first
-item is the TAP) and ``--vsock cid=N,uds=PATH``. Rates are token buckets refilled every ``refill-ms``
-milliseconds (default 1000, so per second); sizes take K, M, G suffixes and are bytes without one.
+item is the TAP), ``--net vhost-user=SOCKET[,queues=N][,id=NAME][,mac=..][,mtu=N][,offload=on|off]`` (the data path
+in a vhost-user back end, docs/networking.md) and ``--vsock cid=N,uds=PATH``. Every device takes
+``transport=mmio|pci`` (kvmlet: virtio-mmio, the
+default, or virtio-pci with MSI-X; behind the VT-d unit with ``--iommu vtd``). Rates are token buckets refilled
+every ``refill-ms`` milliseconds (default 1000, so per second); sizes take K, M, G suffixes and are bytes without
+one.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 from kvmlet.config.models import (
     AUTO_TAP,
@@ -27,11 +33,13 @@ from kvmlet.errors import ConfigError
 _BOOLEANS = {"on": True, "yes": True, "true": True, "1": True,
              "off": False, "no": False, "false": False, "0": False}
 _RATE_KEYS = ("bps", "bps-burst", "iops", "iops-burst", "refill-ms")
-DRIVE_KEYS = ("path", "readonly", "direct", "id", "root", *_RATE_KEYS)
-RNG_KEYS = ("bps", "bps-burst", "refill-ms")
+DRIVE_KEYS = ("path", "readonly", "direct", "id", "root", *_RATE_KEYS, "transport")
+RNG_KEYS = ("bps", "bps-burst", "refill-ms", "transport")
 _NET_RATE_KEYS = tuple(f"{side}-{kind}" for side in ("rx", "tx") for kind in ("bps", "bps-burst", "pps", "pps-burst"))
-NET_KEYS = ("tap", "id", "mac", "queues", "offload", "mtu", "address", "bridge", *_NET_RATE_KEYS, "refill-ms")
-VSOCK_KEYS = ("cid", "uds")
+NET_KEYS = ("tap", "id", "mac", "queues", "offload", "mtu", "address", "bridge", *_NET_RATE_KEYS, "refill-ms",
+            "transport", "vhost-user")
+VSOCK_KEYS = ("cid", "uds", "transport")
+TRANSPORTS = ("mmio", "pci")
 
 
 def _amount(option: str, key: str, text: str) -> int:
@@ -43,6 +51,15 @@ def _boolean(option: str, key: str, text: str) -> bool:
         return _BOOLEANS[text.lower()]
     except KeyError:
         raise ConfigError(f"{option}: {key}={text!r}: use on or off") from None
+
+
+def _transport(option: str, values: dict[str, str]) -> Literal["mmio", "pci"]:
+    text = values.get("transport", "mmio").lower()
+    if text == "pci":
+        return "pci"
+    if text == "mmio":
+        return "mmio"
+    raise ConfigError(f"{option}: transport={text!r}: use mmio or pci")
 
 
 def _int(option: str, key: str, text: str) -> int:
@@ -105,13 +122,14 @@ def parse_drive(spec: str, number: int) -> Drive:
         is_read_only=_boolean(option, "readonly", values["readonly"]) if "readonly" in values else False,
         is_root_device=_boolean(option, "root", values["root"]) if "root" in values else False,
         direct=_boolean(option, "direct", values["direct"]) if "direct" in values else False,
-        rate_limiter=bucket_pair(option, values, ("bps", "iops")))
+        rate_limiter=bucket_pair(option, values, ("bps", "iops")), transport=_transport(option, values))
 
 
 def parse_rng(spec: str) -> Entropy:
     """``""`` or ``bps=1M,...`` -> Entropy."""
     option = f"--rng {spec!r}" if spec else "--rng"
-    return Entropy(rate_limiter=bucket_pair(option, key_values(option, spec, RNG_KEYS, None), ("bps", "iops")))
+    values = key_values(option, spec, RNG_KEYS, None)
+    return Entropy(rate_limiter=bucket_pair(option, values, ("bps", "iops")), transport=_transport(option, values))
 
 
 def parse_net(spec: str, number: int) -> NetworkInterface:
@@ -128,7 +146,12 @@ def parse_net(spec: str, number: int) -> NetworkInterface:
         address=values.get("address") or None,
         bridge=values.get("bridge") or None,
         rx_rate_limiter=bucket_pair(option, values, ("rx-bps", "rx-pps")),
-        tx_rate_limiter=bucket_pair(option, values, ("tx-bps", "tx-pps")))
+        tx_rate_limiter=bucket_pair(option, values, ("tx-bps", "tx-pps")), transport=_transport(option, values),
+        vhost_user_socket=values.get("vhost-user") or None)
+    if "vhost-user" in values and "tap" in values:
+        raise ConfigError(f"{option}: give tap= or vhost-user=, not both")
+    if net.vhost_user_socket is not None:
+        net.validate()   # what a vhost-user interface cannot take (address, bridge, rates, transport pci)
     if not 1 <= net.queues <= MAX_QUEUE_PAIRS:
         raise ConfigError(f"{option}: queues={net.queues}: choose 1 to {MAX_QUEUE_PAIRS} queue pairs")
     if net.mtu is not None and not 68 <= net.mtu <= MAX_TAP_MTU:
@@ -145,4 +168,4 @@ def parse_vsock(spec: str) -> Vsock:
     cid = _int(option, "cid", values["cid"])
     if not 3 <= cid <= 0xFFFFFFFE:
         raise ConfigError(f"{option}: cid={cid}: the guest's CID must be 3 to {0xFFFFFFFE} (0-2 are reserved)")
-    return Vsock(guest_cid=cid, uds_path=values["uds"])
+    return Vsock(guest_cid=cid, uds_path=values["uds"], transport=_transport(option, values))

@@ -21,6 +21,7 @@ from kvmlet.config.models import (
     Entropy,
     NetworkInterface,
     NetworkInterfaceUpdate,
+    Tpm,
     VmConfig,
     Vsock,
     parse_mac,
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from kvmlet.devices.legacy.i8042 import I8042
     from kvmlet.devices.legacy.post_code import PostCode
     from kvmlet.devices.legacy.serial import Serial8250
+    from kvmlet.devices.virtio.device import VirtioDevice
 
 
 @dataclass
@@ -63,8 +65,20 @@ def add_legacy_devices(manager: DeviceManager, console: Console, *, on_first_byt
     return LegacyDevices(serial, i8042, debug_exit, post_code)
 
 
+def _attach(manager: DeviceManager, device: VirtioDevice, model: Drive | NetworkInterface | Vsock | Entropy
+            ) -> ManagedDevice:
+    """On the transport the model names (kvmlet extension ``transport``: virtio-mmio or virtio-pci)."""
+    if model.transport == "pci":
+        return manager.add_virtio_pci(device, config=model)
+    return manager.add_virtio_mmio(device, config=model)
+
+
 def add_configured_devices(manager: DeviceManager, config: VmConfig) -> None:
     """Every virtio device ``config`` asks for (ConfigError names the one that cannot be set up)."""
+    if config.machine_config.iommu != "none" or any(
+            part is not None and part.transport == "pci"
+            for part in (*config.drives, *config.network_interfaces, config.vsock, config.entropy)):
+        manager.enable_pci(iommu=config.machine_config.iommu == "vtd")   # before the devices: restored first
     for drive in config.drives_in_boot_order():
         add_drive(manager, drive)
     for index, net in enumerate(config.network_interfaces):
@@ -73,6 +87,8 @@ def add_configured_devices(manager: DeviceManager, config: VmConfig) -> None:
         add_vsock(manager, config.vsock)
     if config.entropy is not None:
         add_entropy(manager, config.entropy)
+    if config.tpm is not None:
+        add_tpm(manager, config.tpm)
 
 
 def _open_backend(drive: Drive, path: str) -> object:
@@ -94,7 +110,7 @@ def add_drive(manager: DeviceManager, drive: Drive) -> ManagedDevice:
     assert isinstance(backend, BlockBackend)
     device = VirtioBlock(backend, drive_id=drive.drive_id, name=f"drive:{drive.drive_id}",
                          rate_limiter=make_rate_limiter(drive.rate_limiter))
-    return manager.add_virtio_mmio(device, config=drive)
+    return _attach(manager, device, drive)
 
 
 def _vm_seed() -> str:
@@ -115,6 +131,8 @@ def add_network_interface(manager: DeviceManager, net: NetworkInterface, index: 
     from kvmlet.net.tap import Tap, TapError, TapSettings
 
     label = f"network interface {net.iface_id!r}"
+    if net.vhost_user_socket is not None:
+        return add_vhost_user_interface(manager, net, index)
     try:
         tap = Tap.open(net.host_dev_name, net.queues)
     except TapError as exc:
@@ -132,7 +150,20 @@ def add_network_interface(manager: DeviceManager, net: NetworkInterface, index: 
     except BaseException:
         tap.close()
         raise
-    return manager.add_virtio_mmio(device, config=net)
+    return _attach(manager, device, net)
+
+
+def add_vhost_user_interface(manager: DeviceManager, net: NetworkInterface, index: int) -> ManagedDevice:
+    """A virtio-net interface whose data path is a vhost-user back end (kvmlet connects to its socket)."""
+    from kvmlet.devices.virtio.vhost_user_net import VhostUserNet
+
+    assert net.vhost_user_socket is not None
+    label = f"network interface {net.iface_id!r}"
+    mac = parse_mac(net.guest_mac, label) if net.guest_mac else default_mac(
+        f"{_vm_seed()}/{net.vhost_user_socket}", index)
+    device = VhostUserNet(net.vhost_user_socket, mac, manager.memory, manager.events, pairs=net.queues,
+                          mtu=net.mtu, offloads=net.offload, name=f"net:{net.iface_id}")
+    return _attach(manager, device, net)
 
 
 def add_vsock(manager: DeviceManager, vsock: Vsock) -> ManagedDevice:
@@ -142,7 +173,7 @@ def add_vsock(manager: DeviceManager, vsock: Vsock) -> ManagedDevice:
         device = VirtioVsock(vsock.guest_cid, vsock.uds_path, manager.events, name="vsock")
     except VsockError as exc:
         raise ConfigError(f"vsock: {exc}") from None
-    return manager.add_virtio_mmio(device, config=vsock)
+    return _attach(manager, device, vsock)
 
 
 def add_entropy(manager: DeviceManager, entropy: Entropy) -> ManagedDevice:
@@ -150,7 +181,20 @@ def add_entropy(manager: DeviceManager, entropy: Entropy) -> ManagedDevice:
     from kvmlet.devices.virtio.rng import VirtioRng
 
     device = VirtioRng(name="entropy", rate_limiter=make_rate_limiter(entropy.rate_limiter))
-    return manager.add_virtio_mmio(device, config=entropy)
+    return _attach(manager, device, entropy)
+
+
+def add_tpm(manager: DeviceManager, tpm: Tpm) -> ManagedDevice:
+    """The vTPM's TIS front end at 0xFED40000; swtpm itself starts with the measured launch (or a restore)."""
+    from kvmlet.devices.tpm_tis import TIS_BASE, TIS_SIZE, TpmTis
+    from kvmlet.tpm.vtpm import Vtpm
+
+    device = TpmTis(Vtpm(tpm), name="tpm")
+    try:
+        return manager.add_fixed_mmio("tpm", device, TIS_BASE, TIS_SIZE, config=tpm)
+    except BaseException:
+        device.close()
+        raise
 
 
 def update_drive(manager: DeviceManager, update: DriveUpdate) -> Drive:
@@ -189,6 +233,9 @@ def update_network_interface(manager: DeviceManager, update: NetworkInterfaceUpd
     from kvmlet.devices.virtio.ratelimit import make_rate_limiter
 
     managed = manager.find(f"net:{update.iface_id}")
+    if managed is not None and getattr(managed.config, "vhost_user_socket", None) is not None:
+        raise ConfigError(f"network interface {update.iface_id!r} is a vhost-user interface: its rate limits are "
+                          "the back end's (kvmlet net port ... rate=)")
     if managed is None or managed.transport is None or not isinstance(managed.device, VirtioNet):
         raise ConfigError(f"network interface {update.iface_id!r} does not exist")
     net: NetworkInterface = managed.config

@@ -19,15 +19,22 @@ a 4 KiB register window at ``VIRTIO_MMIO_BASE + n * 0x1000`` (the 32-bit MMIO ho
 free ISA IRQ from ``FREE_ISA_GSIS`` (0-2 and 8 belong to the timer, the keyboard, the cascade and the
 RTC; 3 and 4 to the serial ports; 12 last, because a PS/2 mouse driver may want it), so the 8259 PICs,
 the IOAPIC (identity-mapped ISA IRQs in the MP table and the MADT) and Linux all agree.
+
+PCI (:mod:`kvmlet.devices.pci.platform`, created by :meth:`DeviceManager.enable_pci`): the host bridge and the
+VT-d unit are platform devices; each virtio-pci device gets MSI-X vectors (GSIs from ``FIRST_MSI_GSI`` up, each
+an MSI route in the routing table and an irqfd), an INTx level line (an irqfd with a resample eventfd) and
+ioeventfds that move with its notify BAR.
 """
 
 from __future__ import annotations
 
 import enum
 import functools
+import os
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from kvmlet.devices.bus import Bus, BusDevice
 from kvmlet.devices.irq import EventFdInterrupt
@@ -38,8 +45,12 @@ from kvmlet.errors import ConfigError, StateError, UnsupportedError
 from kvmlet.kvm import constants as c
 
 if TYPE_CHECKING:
+    from kvmlet.boot.acpi import AcpiExtras
+    from kvmlet.devices.pci.platform import PciPlatform
+    from kvmlet.devices.pci.virtio_pci import PciTransport
     from kvmlet.devices.virtio.device import VirtioDevice
     from kvmlet.devices.virtio.mmio import MmioTransport
+    from kvmlet.devices.virtio.transport import VirtioTransport
     from kvmlet.eventloop import EventLoop
     from kvmlet.kvm.vm import Vm
     from kvmlet.memory import GuestMemory
@@ -49,11 +60,15 @@ VIRTIO_MMIO_WINDOW = 0x1000
 VIRTIO_MMIO_LIMIT = 0xC010_0000
 FREE_ISA_GSIS = (5, 6, 7, 9, 10, 11, 14, 15, 12)
 IOAPIC_PINS = 24
+FIRST_MSI_GSI = IOAPIC_PINS     # MSI routes: GSIs beyond the I/O APIC's pins
+MAX_GSI = 1024                  # below KVM's routing table limit (KVM_MAX_IRQ_ROUTES is 4096)
 
 
 class DeviceKind(enum.Enum):
     LEGACY = "legacy"
     VIRTIO_MMIO = "virtio-mmio"
+    VIRTIO_PCI = "virtio-pci"
+    PLATFORM = "platform"         # the PCI host bridge, the VT-d unit
 
 
 @dataclass
@@ -66,7 +81,7 @@ class ManagedDevice:
     ports: list[tuple[int, int]] = field(default_factory=list)   # (base, size) on the PIO bus
     mmio: list[tuple[int, int]] = field(default_factory=list)    # (base, size) on the MMIO bus
     gsi: int | None = None
-    transport: MmioTransport | None = None
+    transport: MmioTransport | PciTransport | None = None
     config: Any = None   # the config model it was built from, if any (kept current by updates)
 
     @property
@@ -83,6 +98,8 @@ class GsiRouting:
     def __init__(self, vm: Vm) -> None:
         self.vm = vm
         self.routes: list[tuple[int, int, int]] = []
+        self.msi: dict[int, tuple[int, int]] = {}       # GSI -> (address, data): MSI-X vectors
+        self._lock = threading.Lock()
 
     def set_pc_routes(self) -> None:
         """ISA IRQs to both PICs and the IOAPIC, IRQ 0 (the PIT) on IOAPIC pin 2, as the MP table and the
@@ -95,8 +112,25 @@ class GsiRouting:
         for gsi in range(IOAPIC_PINS):
             if gsi != 2:
                 routes.append((gsi, c.KVM_IRQCHIP_IOAPIC, 2 if gsi == 0 else gsi))
-        self.routes = routes
-        self.vm.set_gsi_routing(routes)
+        with self._lock:
+            self.routes = routes
+            self._commit()
+
+    def set_msi(self, gsi: int, address: int, data: int) -> None:
+        """Route ``gsi`` to an MSI (address, data) and load the table (any thread)."""
+        with self._lock:
+            if self.msi.get(gsi) != (address, data):
+                self.msi[gsi] = (address, data)
+                self._commit()
+
+    def clear_msi(self, gsi: int) -> None:
+        with self._lock:
+            if self.msi.pop(gsi, None) is not None:
+                self._commit()
+
+    def _commit(self) -> None:
+        msi = [(gsi, address, data) for gsi, (address, data) in sorted(self.msi.items())]
+        self.vm.set_gsi_routing(self.routes, msi)
 
 
 class DeviceManager:
@@ -117,6 +151,10 @@ class DeviceManager:
         self._ioeventfds: list[tuple[int, int, int]] = []   # (fd, address, datamatch)
         self._watched: list[int] = []
         self._paused = False
+        self.pci: PciPlatform | None = None
+        self._next_msi_gsi = FIRST_MSI_GSI
+        self._notifiers: dict[int, list[tuple[int, int, int]]] = {}   # transport id -> [(fd, address, length)]
+        self._resample_fds: list[int] = []
 
     # -- allocation ---------------------------------------------------------------------------------
     def allocate_gsi(self, what: str) -> int:
@@ -152,6 +190,13 @@ class DeviceManager:
         self.devices.append(managed)
         return managed
 
+    def add_fixed_mmio(self, name: str, device: Any, base: int, size: int, config: Any = None) -> ManagedDevice:
+        """A device at a fixed MMIO address its own module defines (the TPM's TIS window); polled, no GSI."""
+        managed = ManagedDevice(name, DeviceKind.LEGACY, device, mmio=[(base, size)], config=config)
+        self.mmio.register(base, size, device, name)
+        self.devices.append(managed)
+        return managed
+
     def add_virtio_mmio(self, device: VirtioDevice, config: Any = None) -> ManagedDevice:
         """Place a virtio device on its own virtio-mmio window and interrupt; on failure it is closed."""
         from kvmlet.devices.virtio.constants import MmioRegister
@@ -169,12 +214,108 @@ class DeviceManager:
         self.devices.append(managed)
         self.mmio.register(base, VIRTIO_MMIO_WINDOW, transport, device.name)
         notify = base + MmioRegister.QUEUE_NOTIFY
+        # queues whose kicks a vhost-user back end reads itself (straight from the ioeventfd)
+        external: frozenset[int] = getattr(device, "external_queues", frozenset())
         for index, fd in enumerate(transport.queue_eventfds):
             self.vm.register_ioeventfd(fd, notify, 4, datamatch=index)
             self._ioeventfds.append((fd, notify, index))
+            if index in external:
+                continue
             self.events.watch_read(fd, functools.partial(transport.handle_queue_event, index))
             self._watched.append(fd)
         return managed
+
+    # -- PCI ----------------------------------------------------------------------------------------
+    def enable_pci(self, *, iommu: bool = False) -> PciPlatform:
+        """The PCI host bridge (and, with ``iommu``, the VT-d unit in front of it), added once."""
+        from kvmlet.devices.pci.platform import PciPlatform
+
+        if self.pci is None:
+            self.pci = PciPlatform(self, iommu=iommu)
+            self.devices.append(ManagedDevice("pci-host", DeviceKind.PLATFORM, self.pci))
+            if self.pci.vtd is not None:
+                self.devices.append(ManagedDevice("vtd", DeviceKind.PLATFORM, self.pci.vtd))
+        return self.pci
+
+    def add_virtio_pci(self, device: VirtioDevice, config: Any = None) -> ManagedDevice:
+        """Place a virtio device on the PCI bus (MSI-X, INTx; behind the VT-d unit if there is one)."""
+        try:
+            transport, _devfn = self.enable_pci().add_virtio(device)
+        except ValueError as exc:
+            device.close()
+            raise ConfigError(f"{device.name}: {exc}") from None
+        except BaseException:
+            device.close()
+            raise
+        managed = ManagedDevice(device.name, DeviceKind.VIRTIO_PCI, device, transport=transport, config=config)
+        self.devices.append(managed)
+        for index, fd in enumerate(transport.queue_eventfds):
+            self.events.watch_read(fd, functools.partial(transport.handle_queue_event, index))
+            self._watched.append(fd)
+        return managed
+
+    def allocate_vector(self, what: str) -> tuple[int, int]:
+        """A GSI for an MSI route and an eventfd registered as an irqfd on it (an MsiRouter for MSI-X)."""
+        if self._next_msi_gsi >= MAX_GSI:
+            raise ConfigError(f"{what}: no free GSI for an MSI route (at most {MAX_GSI - FIRST_MSI_GSI})")
+        gsi = self._next_msi_gsi
+        self._next_msi_gsi += 1
+        return gsi, self.interrupt(gsi).fd
+
+    def set_msi_route(self, gsi: int, address: int, data: int) -> None:
+        self.routing.set_msi(gsi, address, data)
+
+    def clear_msi_route(self, gsi: int) -> None:
+        self.routing.clear_msi(gsi)
+
+    def level_interrupt(self, gsi: int, on_resample: Any) -> EventFdInterrupt:
+        """A level-triggered line to an I/O APIC pin: an irqfd with a resample eventfd; ``on_resample()`` runs on
+        the event loop after the guest's EOI (the device asserts the line again if it still wants to)."""
+        line = EventFdInterrupt(gsi)
+        resample = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            self.vm.register_irqfd(line.fd, gsi, resamplefd=resample)
+        except BaseException:
+            line.close()
+            os.close(resample)
+            raise
+        self._interrupts.append(line)
+
+        def resampled() -> None:
+            try:
+                os.eventfd_read(resample)
+            except (BlockingIOError, OSError):
+                return
+            on_resample()
+
+        self.events.watch_read(resample, resampled)
+        self._watched.append(resample)
+        self._resample_fds.append(resample)
+        return line
+
+    def move_queue_notifiers(self, transport: VirtioTransport, address: int | None, stride: int) -> None:
+        """The ioeventfds of ``transport``'s queues at ``address + stride * n`` (None: nowhere), 2-byte writes."""
+        for fd, old, length in self._notifiers.pop(id(transport), []):
+            try:
+                self.vm.unregister_ioeventfd(fd, old, length)
+            except OSError:
+                pass
+        if address is None:
+            return
+        placed = []
+        for index, fd in enumerate(transport.queue_eventfds):
+            self.vm.register_ioeventfd(fd, address + stride * index, 2)
+            placed.append((fd, address + stride * index, 2))
+        self._notifiers[id(transport)] = placed
+
+    def acpi(self) -> tuple[AcpiExtras | None, tuple[tuple[int, int], ...]]:
+        """What the devices add to the ACPI tables, and the ranges to report reserved in the e820 map."""
+        if self.pci is None:
+            return None, ()
+        from kvmlet.boot.acpi_pci import pci_acpi_extras
+
+        description = self.pci.acpi()
+        return pci_acpi_extras(description), description.reserved()
 
     # -- queries ------------------------------------------------------------------------------------
     def find(self, name: str) -> ManagedDevice | None:
@@ -184,7 +325,7 @@ class DeviceManager:
         return [d.device for d in self.devices if isinstance(d.device, cls)]
 
     def virtio_devices(self) -> list[VirtioDevice]:
-        return [d.device for d in self.devices if d.kind is DeviceKind.VIRTIO_MMIO]
+        return [d.device for d in self.devices if d.kind in (DeviceKind.VIRTIO_MMIO, DeviceKind.VIRTIO_PCI)]
 
     def cmdline_args(self) -> list[str]:
         return [arg for d in self.devices for arg in d.cmdline_args]
@@ -201,7 +342,9 @@ class DeviceManager:
 
     def bus_device(self, name: str) -> BusDevice | None:
         managed = self.find(name)
-        return managed.transport if managed is not None and managed.transport is not None else None
+        if managed is None or managed.kind is not DeviceKind.VIRTIO_MMIO:
+            return None
+        return cast("BusDevice", managed.transport)
 
     # -- quiescing ----------------------------------------------------------------------------------
     @property
@@ -274,11 +417,19 @@ class DeviceManager:
             except OSError:
                 pass
         self._ioeventfds = []
+        for placed in self._notifiers.values():
+            for fd, address, length in placed:
+                try:
+                    self.vm.unregister_ioeventfd(fd, address, length)
+                except OSError:
+                    pass
+        self._notifiers = {}
         problems: list[str] = []
         for managed in reversed(self.devices):
             try:
                 if managed.transport is not None:
-                    self.mmio.unregister(managed.transport)
+                    if managed.kind is DeviceKind.VIRTIO_MMIO:
+                        self.mmio.unregister(cast("BusDevice", managed.transport))
                     managed.transport.close()
                 elif hasattr(managed.device, "close"):
                     managed.device.close()
@@ -293,6 +444,10 @@ class DeviceManager:
                     pass
             line.close()
         self._interrupts = []
+        for fd in self._resample_fds:
+            os.close(fd)
+        self._resample_fds = []
+        self.pci = None
         if problems:
             raise RuntimeError("closing devices: " + "; ".join(problems))
 

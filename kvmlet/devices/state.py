@@ -229,7 +229,109 @@ class PostCodeState(VersionedState, frozen=True, tag="post-code"):
     last_code: int | None = None
 
 
-DeviceState = SerialState | I8042State | DebugExitState | PostCodeState | MmioTransportState
+# -- PCI, virtio-pci and the VT-d unit (kvmlet.devices.pci, kvmlet.devices.iommu) -----------------------------
+class MsixState(VersionedState, frozen=True, tag="msix"):
+    """An MSI-X capability's table and pending bits: (address low, address high, data, vector control) each."""
+
+    enabled: bool
+    function_mask: bool
+    entries: list[tuple[int, int, int, int]]
+    pending: int                  # the PBA, bit n for vector n
+
+
+class PciFunctionState(VersionedState, frozen=True, tag="pci-function"):
+    """A PCI function's configuration space (the header and capabilities; BARs as the guest programmed them)."""
+
+    config: bytes
+    msix: MsixState | None = None
+
+
+class PciTransportState(VersionedState, frozen=True, tag="virtio-pci"):
+    """A virtio-pci device: the common configuration, ISR, vectors, its PCI function, queues and device."""
+
+    device_type: int
+    status: int
+    device_features_sel: int
+    driver_features_sel: int
+    driver_features: int
+    unknown_driver_features: bool
+    queue_sel: int
+    config_generation: int
+    isr: int
+    config_vector: int
+    queue_vectors: list[int]
+    function: PciFunctionState
+    queues: list[QueueState]
+    device: VirtioDeviceState
+
+
+class PciHostState(VersionedState, frozen=True, tag="pci-host"):
+    """The PCI host bridge: the legacy configuration address register (0xCF8) and the bridge's own function."""
+
+    config_address: int
+    bridge: PciFunctionState
+
+
+class VtdFaultRecordState(VersionedState, frozen=True, tag="vtd-fault"):
+    iova: int
+    source_id: int
+    reason: int
+    write: bool
+    pending: bool
+
+
+class VtdState(VersionedState, frozen=True, tag="vtd"):
+    """The VT-d unit's registers; its caches are not saved (the restored unit reads the tables again)."""
+
+    gsts: int
+    rtaddr: int
+    root: int                     # the root table pointer latched by GCMD.SRTP
+    ccmd: int
+    pfo: bool
+    iqe: bool
+    fri: int
+    next_record: int
+    records: list[VtdFaultRecordState]
+    fectl_im: bool
+    fectl_ip: bool
+    fedata: int
+    feaddr: int
+    feuaddr: int
+    iqh: int
+    iqt: int
+    iqa: int
+    iwc: bool
+    iectl_im: bool
+    iectl_ip: bool
+    iedata: int
+    ieaddr: int
+    ieuaddr: int
+    iva: int
+    iotlb: int
+
+
+# -- the vTPM (kvmlet.devices.tpm_tis, kvmlet.tpm) -----------------------------------------------------------
+class TpmState(VersionedState, frozen=True, tag="tpm-tis"):
+    """The TIS front end's registers and FIFO, and the whole TPM: swtpm's state blobs (decrypted, as swtpm's
+    control channel gives them) and kvmlet's own copy of the launch event log (quotes carry it)."""
+
+    active_locality: int | None
+    requests: list[int]
+    seized: list[int]
+    fifo: str                     # idle, ready, reception or completion (never a running command)
+    buffer: bytes                 # the command received so far, or the response
+    read_offset: int
+    int_enable: int
+    int_status: int
+    int_vector: int
+    permanent: bytes
+    volatile: bytes
+    savestate: bytes
+    event_log: bytes
+
+
+DeviceState = (SerialState | I8042State | DebugExitState | PostCodeState | MmioTransportState | PciTransportState
+               | PciHostState | VtdState | TpmState)
 DeviceStates = dict[str, DeviceState]
 
 _ENCODER = msgspec.msgpack.Encoder()

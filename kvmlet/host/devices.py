@@ -32,16 +32,24 @@ def read_iommu_state(root: Root = "/") -> IommuState:
     )
 
 
-def iommu_feature(state: IommuState) -> Feature:
+def iommu_feature(state: IommuState, root: Root = "/") -> Feature:
+    from kvmlet.host.iommu import describe_groups, iommu_groups, read_dmar
+
     name = "IOMMU (VT-d/AMD-Vi)"
+    dmar = read_dmar(root)
+    tables = f"; {dmar.describe()}" if dmar is not None else ""
     if state.units or state.groups:
         units = ", ".join(state.units) or "no units listed"
+        groups = describe_groups(iommu_groups(root))
         return Feature(name, A, f"DMA remapping on ({units}; {state.groups} groups): devices can be "
-                       "assigned to VMs")
+                       f"assigned to VMs{tables}{'; ' + groups if groups else ''}")
+    if state.acpi_tables and dmar is not None:
+        return Feature(name, V, f"ACPI DMAR table but no IOMMU enabled: boot with intel_iommu=on{tables}")
     if state.acpi_tables:
         table = state.acpi_tables[0]
         return Feature(name, V, f"ACPI {table} table but no IOMMU enabled: boot with {IOMMU_TABLES[table]}")
-    return Feature(name, X, "no DMA remapping: no device assignment (kvmlet's emulated VT-d still works)")
+    return Feature(name, X, "no DMA remapping: no device assignment (kvmlet's emulated VT-d still works: "
+                   "--iommu vtd)")
 
 
 def vfio_feature(state: IommuState) -> Feature:
@@ -135,7 +143,7 @@ def node_feature(root: Root, name: str, node: str, present: str, missing: str) -
 def io_features(root: Root = "/") -> list[Feature]:
     iommu = read_iommu_state(root)
     return [
-        iommu_feature(iommu),
+        iommu_feature(iommu, root),
         vfio_feature(iommu),
         sriov_feature(read_sriov_devices(root)),
         tpm_feature(root),

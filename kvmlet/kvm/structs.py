@@ -256,6 +256,12 @@ class kvm_irq_routing_irqchip(ctypes.Structure):
     _fields_ = [("irqchip", u32), ("pin", u32), ("pad", u32 * 6)]
 
 
+class kvm_irq_routing_msi(ctypes.Structure):
+    """The MSI member of the routing entry's union (same 32 bytes as the irqchip member)."""
+
+    _fields_ = [("address_lo", u32), ("address_hi", u32), ("data", u32), ("devid", u32), ("pad", u32 * 4)]
+
+
 class kvm_irq_routing_entry(ctypes.Structure):
     _fields_ = [("gsi", u32), ("type", u32), ("flags", u32), ("pad", u32), ("u", kvm_irq_routing_irqchip)]
 

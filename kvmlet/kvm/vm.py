@@ -13,6 +13,8 @@ from kvmlet.kvm.errors import KvmError, ioctl_error, ioctl_ulong
 from kvmlet.kvm.vcpu import Vcpu
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from kvmlet.kvm.stats import StatsReader
     from kvmlet.kvm.system import Kvm
 
@@ -94,14 +96,21 @@ class Vm:
         config.flags = 1 if speaker_dummy else 0
         self._ioctl("KVM_CREATE_PIT2", c.KVM_CREATE_PIT2, config)
 
-    def set_gsi_routing(self, routes: list[tuple[int, int, int]]) -> None:
-        """KVM_SET_GSI_ROUTING with (gsi, irqchip, pin) routes; replaces the whole table."""
-        table = s.kvm_irq_routing(len(routes))
-        table.nr = len(routes)
+    def set_gsi_routing(self, routes: list[tuple[int, int, int]],
+                        msi: Sequence[tuple[int, int, int]] = ()) -> None:
+        """KVM_SET_GSI_ROUTING with (gsi, irqchip, pin) routes and (gsi, address, data) MSI routes; replaces
+        the whole table."""
+        table = s.kvm_irq_routing(len(routes) + len(msi))
+        table.nr = len(routes) + len(msi)
         for i, (gsi, chip, pin) in enumerate(routes):
             entry = table.entries[i]
             entry.gsi, entry.type = gsi, c.KVM_IRQ_ROUTING_IRQCHIP
             entry.u.irqchip, entry.u.pin = chip, pin
+        for i, (gsi, address, data) in enumerate(msi, start=len(routes)):
+            entry = table.entries[i]
+            entry.gsi, entry.type = gsi, c.KVM_IRQ_ROUTING_MSI
+            message = s.kvm_irq_routing_msi.from_buffer(entry.u)
+            message.address_lo, message.address_hi, message.data = address & 0xFFFFFFFF, address >> 32, data
         self._ioctl("KVM_SET_GSI_ROUTING", c.KVM_SET_GSI_ROUTING, table)
 
     def irq_line(self, irq: int, level: bool) -> None:

@@ -166,14 +166,28 @@ def add_devices(machine: Machine) -> None:
 
 
 def load_kernel(machine: Machine, kernel: KernelImage, initrd: bytes | None) -> None:
+    from kvmlet.boot.acpi import AcpiExtras
     from kvmlet.boot.loader import BootProtocol, load
     from kvmlet.devices.vmgenid import write_generation_id
 
     assert machine.memory is not None and machine.devices is not None and machine.config.boot_source
     cmdline = machine.devices.extend_cmdline(machine.config.kernel_cmdline())
+    tpm = None
+    if machine.config.tpm is not None:   # measured launch: policy, measurements, vTPM (kvmlet.tpm.launch)
+        from kvmlet.tpm.launch import measured_launch
+
+        tpm = measured_launch(machine.config, machine.devices, kernel.data, initrd, cmdline)
+        machine.timeline.mark("measured")
+    acpi, reserved = machine.devices.acpi()      # the PCI host bridge and VT-d unit (MCFG, DMAR, DSDT)
+    if tpm is not None:
+        acpi = tpm.acpi if acpi is None else AcpiExtras(tpm.acpi.tables + acpi.tables,
+                                                        tpm.acpi.dsdt_aml + acpi.dsdt_aml)
+        reserved = tuple(tpm.reserved) + reserved
     machine.boot_info = load(machine.memory, kernel, cmdline=cmdline, initrd=initrd,
                              protocol=BootProtocol(machine.config.boot_source.boot_protocol),
-                             cpus=machine.config.machine_config.vcpu_count)
+                             cpus=machine.config.machine_config.vcpu_count, acpi=acpi, reserved=reserved)
+    if tpm is not None:
+        tpm.write_log(machine.memory)
     machine.generation_id = write_generation_id(machine.memory)   # the VMGENID device's first generation
     machine.timeline.mark("image-loaded")
 
@@ -189,6 +203,8 @@ def create_vcpus(machine: Machine, *, boot: bool, configure: bool = True) -> Non
     assert machine.kvm is not None and machine.vm is not None
     config = machine.config
     cpu = plan_cpu(machine.kvm, config.machine_config.cpu_template, config.cpu_config) if configure else None
+    if cpu is not None:
+        machine.cpu_plan = cpu
     count = config.machine_config.vcpu_count
     for index in range(count):
         vcpu = machine.vm.create_vcpu(index)

@@ -21,6 +21,7 @@ from kvmlet.vcpu_runner import VcpuStop, VcpuThread
 
 if TYPE_CHECKING:
     from kvmlet.boot.loader import BootInfo
+    from kvmlet.cpu.plan import CpuPlan
     from kvmlet.devices.factory import LegacyDevices
     from kvmlet.devices.legacy.console import Console
     from kvmlet.devices.legacy.serial import Serial8250
@@ -66,6 +67,7 @@ class Machine:
         self.generation_id = b""                     # the VM generation ID (VMGENID) the guest sees
         self.restored_from: str | None = None        # the snapshot this machine was restored from
         self.background_copy_ms: float | None = None  # a restore's background copy of its memory file
+        self.cpu_plan: CpuPlan | None = None          # the CPU kvmlet gave the vCPUs (the migration gate's input)
         self._console_snapshots = 0
 
     @property
@@ -216,6 +218,11 @@ class Machine:
     def request_stop(self) -> None:
         """Ask the VM to stop (from any thread, e.g. the console escape)."""
         self._set_exit(ExitStatus(StopKind.STOPPED, "stopped by the user", 130))
+        self._stop_vcpus_async()
+
+    def end(self, message: str) -> None:
+        """End the VM on the VMM's behalf with a normal status (0), e.g. once it has migrated away."""
+        self._set_exit(ExitStatus(StopKind.STOPPED, message, 0))
         self._stop_vcpus_async()
 
     def pause(self, timeout: float = 5.0) -> None:

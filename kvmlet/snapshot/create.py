@@ -16,23 +16,18 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from kvmlet import __version__
 from kvmlet.config import to_builtins
-from kvmlet.cpu import state as cpu_state
 from kvmlet.errors import StateError
 from kvmlet.snapshot import vm_state
 from kvmlet.snapshot.dirty import dirty_page_count
 from kvmlet.snapshot.format import SnapshotError, write_snapshot
 from kvmlet.snapshot.memory_file import write_memory_file
+from kvmlet.snapshot.sections import SECTION_DEVICES, SECTION_VM, capture_machine_state, vcpu_section
 
 if TYPE_CHECKING:
     from kvmlet.machine import Machine
 
 SnapshotType = Literal["Full", "Diff"]
-SECTION_VM = "vm"
-SECTION_DEVICES = "devices"
-
-
-def vcpu_section(index: int) -> str:
-    return f"vcpu{index}"
+__all__ = ["SECTION_DEVICES", "SECTION_VM", "SnapshotResult", "create_snapshot", "snapshot_config", "vcpu_section"]
 
 
 @dataclass
@@ -75,12 +70,7 @@ def _create(machine: Machine, snapshot_path: Path, mem_file_path: Path, snapshot
     if machine.memory.private_file is not None and _same_file(mem_file_path, Path(machine.memory.private_file)):
         raise StateError(f"mem_file_path {mem_file_path} is the file this VM's memory is mapped from (copy on "
                          "write): writing it would change the guest's memory under it; choose another file")
-    devices = machine.devices.save_state()     # refuses a device that cannot be saved, before any file
-    indices = cpu_state.save_msr_indices(machine.kvm.msr_index_list())
-    sections: dict[str, object] = {SECTION_VM: vm_state.capture(machine.vm)}
-    for index, vcpu in enumerate(machine.vcpus):
-        sections[vcpu_section(index)] = cpu_state.capture(vcpu, indices)
-    sections[SECTION_DEVICES] = devices
+    sections = capture_machine_state(machine).sections()   # refuses a device that cannot be saved, before any file
     state_done = time.perf_counter()
 
     dirty = machine.dirty_log.take() if machine.dirty_log is not None and machine.dirty_log.enabled else None

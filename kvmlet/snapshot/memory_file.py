@@ -72,8 +72,10 @@ def _nonzero_chunks(region: MemoryRegion) -> Iterator[tuple[int, int]]:
             yield begin, end
 
 
-def _region_runs(memory: GuestMemory, region: MemoryRegion) -> Iterator[tuple[int, int]]:
-    """Offsets within the region that hold data, for a full snapshot."""
+def region_data_spans(memory: GuestMemory, region: MemoryRegion) -> Iterator[tuple[int, int]]:
+    """[begin, end) offsets within the region that may hold data (the rest reads as zeros), for a full
+    snapshot and a migration's first pass: a memfd's data extents, or the non-zero 1 MiB chunks of memory
+    mapped copy on write from a file."""
     if memory.private_file is None:
         for begin, end in _data_extents(region.fd, region.fd_offset, region.fd_offset + region.size):
             yield begin - region.fd_offset, end - region.fd_offset
@@ -111,7 +113,7 @@ def write_memory_file(path: Path, memory: GuestMemory, *, dirty: list[bytearray]
         file_offset = 0
         for index, region in enumerate(memory.regions):
             if dirty is None:
-                spans = list(_region_runs(memory, region))
+                spans = list(region_data_spans(memory, region))
             else:
                 spans = [(first * PAGE_SIZE, (first + count) * PAGE_SIZE)
                          for first, count in nonzero_runs(dirty[index])]

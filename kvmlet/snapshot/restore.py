@@ -16,19 +16,20 @@ import functools
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import msgspec
 
-from kvmlet.config.models import SnapshotLoadParams, VmConfig
+from kvmlet.config.models import DriveOverride, NetworkOverride, SnapshotLoadParams, VmConfig, VsockOverride
 from kvmlet.cpu import state as cpu_state
 from kvmlet.errors import ConfigError
 from kvmlet.kvm.cpuid import CpuidEntry
 from kvmlet.snapshot import vm_state
-from kvmlet.snapshot.create import SECTION_DEVICES, SECTION_VM, vcpu_section
 from kvmlet.snapshot.format import SnapshotError, SnapshotFile
 from kvmlet.snapshot.memory_file import check_memory_file
+from kvmlet.snapshot.sections import MachineState, read_machine_state
 
 log = logging.getLogger("kvmlet.snapshot")
 
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from kvmlet.eventloop import EventLoopThread
     from kvmlet.kvm.vcpu import Vcpu
     from kvmlet.machine import Machine
+    from kvmlet.memory import GuestMemory
 
 
 def preload() -> None:
@@ -68,28 +70,40 @@ def snapshot_vm_config(snapshot: SnapshotFile, params: SnapshotLoadParams, conso
         config = msgspec.convert(snapshot.header.vm_config, VmConfig)
     except msgspec.ValidationError as exc:
         raise SnapshotError(f"snapshot {snapshot.path}: its VM configuration cannot be read: {exc}") from None
-    drives = {d.drive_id: d for d in config.drives}
-    for drive_override in params.drive_overrides:
-        if drive_override.drive_id not in drives:
-            raise ConfigError(f"drive_overrides: the snapshot has no drive {drive_override.drive_id!r}")
-        drives[drive_override.drive_id] = msgspec.structs.replace(drives[drive_override.drive_id],
-                                                                  path_on_host=drive_override.path_on_host)
-    nets = {n.iface_id: n for n in config.network_interfaces}
-    for net_override in params.network_overrides:
-        if net_override.iface_id not in nets:
-            raise ConfigError(f"network_overrides: the snapshot has no network interface {net_override.iface_id!r}")
-        nets[net_override.iface_id] = msgspec.structs.replace(nets[net_override.iface_id],
-                                                              host_dev_name=net_override.host_dev_name)
-    vsock = config.vsock
-    if params.vsock_override is not None:
-        if vsock is None:
-            raise ConfigError("vsock_override: the snapshot has no vsock device")
-        vsock = msgspec.structs.replace(vsock, uds_path=params.vsock_override.uds_path)
+    return override_config(config, drives=params.drive_overrides, nets=params.network_overrides,
+                           vsock=params.vsock_override,
+                           track_dirty_pages=params.track_dirty_pages or params.enable_diff_snapshots,
+                           console=console)
+
+
+def override_config(config: VmConfig, *, drives: Sequence[DriveOverride] = (), nets: Sequence[NetworkOverride] = (),
+                    vsock: VsockOverride | None = None, track_dirty_pages: bool = False, console: str | None = None,
+                    what: str = "the snapshot") -> VmConfig:
+    """A saved (or sent) configuration with another machine's backings: drive files, TAPs, the vsock
+    socket and the console (ConfigError for an override naming something ``what`` lacks)."""
+    drives_by_id = {d.drive_id: d for d in config.drives}
+    for drive_override in drives:
+        if drive_override.drive_id not in drives_by_id:
+            raise ConfigError(f"drive_overrides: {what} has no drive {drive_override.drive_id!r}")
+        drives_by_id[drive_override.drive_id] = msgspec.structs.replace(
+            drives_by_id[drive_override.drive_id], path_on_host=drive_override.path_on_host)
+    nets_by_id = {n.iface_id: n for n in config.network_interfaces}
+    for net_override in nets:
+        if net_override.iface_id not in nets_by_id:
+            raise ConfigError(f"network_overrides: {what} has no network interface {net_override.iface_id!r}")
+        nets_by_id[net_override.iface_id] = msgspec.structs.replace(nets_by_id[net_override.iface_id],
+                                                                    host_dev_name=net_override.host_dev_name)
+    vsock_config = config.vsock
+    if vsock is not None:
+        if vsock_config is None:
+            raise ConfigError(f"vsock_override: {what} has no vsock device")
+        vsock_config = msgspec.structs.replace(vsock_config, uds_path=vsock.uds_path)
     machine_config = config.machine_config
-    if params.track_dirty_pages or params.enable_diff_snapshots:
+    if track_dirty_pages:
         machine_config = msgspec.structs.replace(machine_config, track_dirty_pages=True)
-    return msgspec.structs.replace(config, drives=list(drives.values()), network_interfaces=list(nets.values()),
-                                   vsock=vsock, machine_config=machine_config,
+    return msgspec.structs.replace(config, drives=list(drives_by_id.values()),
+                                   network_interfaces=list(nets_by_id.values()), vsock=vsock_config,
+                                   machine_config=machine_config,
                                    console=console if console is not None else config.console)
 
 
@@ -101,11 +115,12 @@ def check_vendor(snapshot: SnapshotFile, supported: list[CpuidEntry]) -> None:
                             f"is {host_vendor}")
 
 
-def check_cpuid(snapshot: SnapshotFile, vcpu: Vcpu, state: cpu_state.VcpuState, supported: list[CpuidEntry],
+def check_cpuid(what: str, vcpu: Vcpu, state: cpu_state.VcpuState, supported: list[CpuidEntry],
                 pvm: bool) -> None:
-    """Refuse a vCPU whose saved CPUID has features this host cannot give. What the host gives: KVM's
-    supported table; under PVM the table KVM_GET_CPUID2 returns after the saved one is set (PVM fills the
-    feature leaves from the host's own CPUID, whatever was set)."""
+    """Refuse a vCPU whose saved CPUID has features this host cannot give (``what``: where the state comes
+    from, e.g. "snapshot vm.snap"). What the host gives: KVM's supported table; under PVM the table
+    KVM_GET_CPUID2 returns after the saved one is set (PVM fills the feature leaves from the host's own
+    CPUID, whatever was set)."""
     if pvm:
         vcpu.set_cpuid(state.cpuid)
         available = vcpu.get_cpuid()
@@ -113,17 +128,48 @@ def check_cpuid(snapshot: SnapshotFile, vcpu: Vcpu, state: cpu_state.VcpuState, 
         available = supported
     missing = vm_state.cpuid_differences(state.cpuid, available)
     if missing:
-        raise SnapshotError(f"snapshot {snapshot.path}: this host cannot give vCPU {state.vcpu_id} its CPUID: "
+        raise SnapshotError(f"{what}: this host cannot give vCPU {state.vcpu_id} its CPUID: "
                             f"{'; '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} not available")
+
+
+def build_without_boot(machine: Machine, memory: GuestMemory) -> None:
+    """The builder's steps for a machine whose state comes from elsewhere (a snapshot, a migration stream),
+    on a machine whose KVM is open: the VM over ``memory`` (the machine owns it from here on), the devices
+    (held paused until ``start()``: no completion may beat the interrupt controllers), the vCPUs without
+    boot set-up. Nothing has run; :func:`apply_machine_state` gives it its state."""
+    from kvmlet.machine.builder import add_devices, create_vcpus, create_vm
+
+    create_vm(machine, memory=memory)
+    add_devices(machine)
+    assert machine.devices is not None
+    machine.events.start()
+    machine.devices.pause()
+    create_vcpus(machine, boot=False, configure=False)
+
+
+def apply_machine_state(machine: Machine, state: MachineState, supported: list[CpuidEntry], what: str) -> None:
+    """Load a saved (or sent) state into a machine built by :func:`build_without_boot`: the devices', each
+    vCPU's CPUID checked against this host, the VM's interrupt controllers, timer and clock, each vCPU's
+    registers. ValueError for a state that does not fit (versions, sizes); SnapshotError for a CPUID this
+    host cannot give (``what`` names the source in the message)."""
+    assert machine.devices is not None and machine.vm is not None
+    if len(state.vcpus) != len(machine.vcpus):
+        raise ValueError(f"{len(state.vcpus)} vCPU states for {len(machine.vcpus)} vCPUs")
+    machine.devices.restore_state(state.devices)
+    pvm = _pvm_host()
+    for vcpu, vcpu_state in zip(machine.vcpus, state.vcpus, strict=True):
+        check_cpuid(what, vcpu, vcpu_state, supported, pvm)
+    vm_state.restore(machine.vm, state.vm)
+    for vcpu, vcpu_state in zip(machine.vcpus, state.vcpus, strict=True):
+        machine.warnings.extend(cpu_state.restore(vcpu, vcpu_state, cpuid_set=pvm))
 
 
 def load_snapshot(params: SnapshotLoadParams, events: EventLoopThread, *, console: Console | None = None,
                   console_spec: str | None = None) -> Machine:
     """A machine restored from ``params.snapshot_path``, not yet running; nothing is left behind on failure."""
-    from kvmlet.devices.state import DeviceState
     from kvmlet.devices.vmgenid import write_generation_id
     from kvmlet.machine import Machine
-    from kvmlet.machine.builder import add_devices, create_vcpus, create_vm, open_kvm
+    from kvmlet.machine.builder import open_kvm
     from kvmlet.memory import GuestMemory, GuestMemoryError
 
     params.validate()
@@ -132,10 +178,7 @@ def load_snapshot(params: SnapshotLoadParams, events: EventLoopThread, *, consol
     info = snapshot.header.memory
     check_memory_file(memory_path, info)
     config = snapshot_vm_config(snapshot, params, console_spec)
-    count = config.machine_config.vcpu_count
-    vm = snapshot.section(SECTION_VM, vm_state.VmState)
-    vcpus = [snapshot.section(vcpu_section(index), cpu_state.VcpuState) for index in range(count)]
-    devices = snapshot.section(SECTION_DEVICES, dict[str, DeviceState])
+    state = read_machine_state(snapshot.section, config.machine_config.vcpu_count)
     if sum(length for _, length in info.ranges) != config.machine_config.memory_bytes:
         raise SnapshotError(f"snapshot {snapshot.path}: its memory ranges do not add up to mem_size_mib")
 
@@ -150,19 +193,8 @@ def load_snapshot(params: SnapshotLoadParams, events: EventLoopThread, *, consol
             memory = GuestMemory.from_file(str(memory_path), info.ranges)
         except GuestMemoryError as exc:
             raise SnapshotError(str(exc)) from None
-        create_vm(machine, memory=memory)
-        add_devices(machine)
-        assert machine.devices is not None and machine.vm is not None
-        events.start()
-        machine.devices.pause()    # held until start(): no completion may beat the interrupt controllers
-        machine.devices.restore_state(devices)
-        create_vcpus(machine, boot=False, configure=False)
-        pvm = _pvm_host()
-        for vcpu, state in zip(machine.vcpus, vcpus, strict=True):
-            check_cpuid(snapshot, vcpu, state, supported, pvm)
-        vm_state.restore(machine.vm, vm)
-        for vcpu, state in zip(machine.vcpus, vcpus, strict=True):
-            machine.warnings.extend(cpu_state.restore(vcpu, state, cpuid_set=pvm))
+        build_without_boot(machine, memory)
+        apply_machine_state(machine, state, supported, f"snapshot {snapshot.path}")
         machine.generation_id = write_generation_id(memory)
         machine.restored_from = str(snapshot.path)
         machine.timeline.mark("restored")

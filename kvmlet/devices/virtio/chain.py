@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-from kvmlet.memory import GuestMemory
+if TYPE_CHECKING:
+    from kvmlet.devices.iommu.dma import DeviceMemory
 
 
 class Buffer(NamedTuple):
@@ -29,7 +30,7 @@ class BufferList:
     below are into the concatenation of the buffers.
     """
 
-    memory: GuestMemory = field(repr=False, compare=False)
+    memory: DeviceMemory = field(repr=False, compare=False)
     buffers: tuple[Buffer, ...] = ()
     length: int = field(init=False, repr=False, compare=False)   # total bytes, computed once
 
@@ -108,7 +109,7 @@ new_buffer = functools.partial(tuple.__new__, Buffer)   # Buffer((gpa, length)) 
 _set = object.__setattr__
 
 
-def new_buffer_list(memory: GuestMemory, buffers: tuple[Buffer, ...], length: int) -> BufferList:
+def new_buffer_list(memory: DeviceMemory, buffers: tuple[Buffer, ...], length: int) -> BufferList:
     """A BufferList whose total length is known (the chain parser's hot path: no __init__ round trip)."""
     out = BufferList.__new__(BufferList)
     _set(out, "memory", memory)

@@ -42,7 +42,7 @@ from __future__ import annotations
 import struct
 import threading
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from kvmlet.devices.state import QueueState, expect_state
 from kvmlet.devices.virtio.chain import Buffer as Buffer
@@ -56,7 +56,10 @@ from kvmlet.devices.virtio.chain import (
     new_direct_buffer,
     new_direct_chain,
 )
-from kvmlet.memory import GuestMemory, GuestMemoryError
+from kvmlet.memory import GuestMemoryError
+
+if TYPE_CHECKING:
+    from kvmlet.devices.iommu.dma import DeviceMemory
 
 DESCRIPTOR_SIZE = 16
 MAX_QUEUE_SIZE = 32768
@@ -163,7 +166,7 @@ class _Rings(NamedTuple):
 class Virtqueue:
     """One split virtqueue: its configuration (written by the driver through the transport) and rings."""
 
-    def __init__(self, memory: GuestMemory, index: int, max_size: int = 256,
+    def __init__(self, memory: DeviceMemory, index: int, max_size: int = 256,
                  counters: LimitCounters | None = None) -> None:
         if not is_power_of_two(max_size) or max_size > MAX_QUEUE_SIZE:
             raise ValueError(f"queue maximum size {max_size} is not a power of two up to {MAX_QUEUE_SIZE}")
@@ -211,14 +214,18 @@ class Virtqueue:
         if not is_power_of_two(self.size) or self.size > self.max_size:
             raise RingError(f"queue {self.index}: size {self.size} is not a power of two between 1 and "
                             f"{self.max_size}")
-        areas = (("descriptor table", self.desc_addr, DESCRIPTOR_SIZE * self.size, DESCRIPTOR_TABLE_ALIGN),
-                 ("available ring", self.driver_addr, self._avail_ring_size, AVAIL_RING_ALIGN),
-                 ("used ring", self.device_addr, self._used_ring_size, USED_RING_ALIGN))
-        for name, address, length, align in areas:
+        areas = (("descriptor table", self.desc_addr, DESCRIPTOR_SIZE * self.size, DESCRIPTOR_TABLE_ALIGN, False),
+                 ("available ring", self.driver_addr, self._avail_ring_size, AVAIL_RING_ALIGN, False),
+                 ("used ring", self.device_addr, self._used_ring_size, USED_RING_ALIGN, True))
+        for name, address, length, align, written in areas:
             if address % align:
                 raise RingError(f"queue {self.index}: {name} at {address:#x} is not {align}-byte aligned")
-            if not self.memory.contains(address, length):
+            if not self._reachable(address, length, written):
                 raise RingError(f"queue {self.index}: {name} at {address:#x}+{length:#x} is not in guest RAM")
+
+    def _reachable(self, address: int, length: int, written: bool) -> bool:
+        """Whether the device can reach a ring area (``written``: the device writes it)."""
+        return self.memory.contains(address, length)
 
     def activate(self) -> None:
         """Validate and start from the beginning of the rings (the driver zeroed them)."""
@@ -374,9 +381,11 @@ class Virtqueue:
                 if flags & VIRTQ_DESC_F_INDIRECT or not length:
                     return None
                 if not (start <= addr and addr + length <= end):
-                    if not self._in_ram(addr, length):
+                    if not self._in_ram(addr, length, flags & VIRTQ_DESC_F_WRITE):
                         return None
                     start, end = self._data_region
+                    if not (start <= addr and addr + length <= end):
+                        return None   # reachable, but not as one view (a translated, scattered range)
                     data_view = self._data_view
                 if flags & VIRTQ_DESC_F_WRITE:
                     writable = True
@@ -414,8 +423,9 @@ class Virtqueue:
         self.next_avail = (self.next_avail - 1) & 0xFFFF
         self.stats.chains -= 1
 
-    def _in_ram(self, addr: int, length: int) -> bool:
-        """Whether ``[addr, addr+length)`` lies in one RAM region (the last buffer's region first)."""
+    def _in_ram(self, addr: int, length: int, write: int = 0) -> bool:
+        """Whether ``[addr, addr+length)`` lies in one RAM region (the last buffer's region first); ``write``
+        (the descriptor's VIRTQ_DESC_F_WRITE) matters to a queue whose addresses an IOMMU translates."""
         start, end = self._data_region
         if start <= addr and addr + length <= end:
             return True
@@ -481,7 +491,7 @@ class Virtqueue:
                 continue
             if length:
                 if not (data_start <= addr and addr + length <= data_end):
-                    if not self._in_ram(addr, length):
+                    if not self._in_ram(addr, length, flags & VIRTQ_DESC_F_WRITE):
                         raise ChainError(head, f"buffer at {addr:#x}+{length:#x} is not in guest RAM")
                     data_start, data_end = self._data_region
                 total += length
