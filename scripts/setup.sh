@@ -9,7 +9,7 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 DEBIAN_PACKAGES=(build-essential make gcc binutils linux-libc-dev qemu-system-x86 iproute2 dpkg lz4
     swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config python3-dev)  # the vTPM (kvmlet.tpm): tpm2-pytss builds against libtss2
-DEBIAN_PACKAGES+=(dpdk dpdk-dev openvswitch-switch-dpdk)  # vhost-user back ends: dpdk-testpmd, OVS with DPDK (kvmlet net)
+DEBIAN_PACKAGES+=(dpdk dpdk-dev)  # the vhost-user back end the tests and `kvmlet net switch` run: dpdk-testpmd
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
