@@ -11,7 +11,8 @@ at CPL3:
   space passes addresses through);
 * kvmlet virtio-pci behind the VT-d unit, translation on: the guest's ``vtd-on`` first (3-level tables, the DMA
   pool mapped with 4 KiB pages at I/O virtual addresses 64 GiB up, queued invalidation); ``--stats`` gives the
-  unit's IOTLB hits and misses;
+  unit's counters: window hits (accesses the device's address space served from a translation it kept),
+  IOTLB hits and misses, page walks;
 * QEMU (``-M q35``) with ``virtio-blk-pci,disable-legacy=on`` and, for translation on, ``-device
   intel-iommu,intremap=off`` and ``iommu_platform=on`` (the same guest and ``vtd-on``).
 
@@ -136,7 +137,7 @@ def run(ctx: Context) -> BenchResult:
                                           note=f"{amount} per run, {image_mib} MiB image"))
     counters = [r["vtd"] for r in runs["kvmlet-vtd"]]
     if counters and all(counters):
-        for key in ("iotlb_hits", "iotlb_misses", "translations", "context_misses"):
+        for key in ("window_hits", "iotlb_hits", "iotlb_misses", "translations", "context_misses"):
             result.rows.append(paired_row(NAME, f"VT-d {key.replace('_', ' ')} per run (both loops)", "count",
                                           Series("kvmlet-vtd", [float(c.get(key, 0)) for c in counters]), None,
                                           note="the unit's counters, from kvmlet run --stats"))

@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     from kvmlet.cpu.cli import add_parser as add_cpu_parser
 
     add_cpu_parser(sub)
+    from kvmlet.net.cli import add_parser as add_net_parser
+
+    add_net_parser(sub)
     from kvmlet.tpm.cli import add_parser as add_attest_parser
 
     run_flags = argparse.ArgumentParser(add_help=False)
@@ -125,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         from kvmlet.tpm.cli import main as attest_main
 
         return attest_main(args)
+    if args.command == "net":
+        from kvmlet.net.cli import main as net_main
+
+        return net_main(args)
     if args.command == "cpu":
         from kvmlet.cpu.cli import main as cpu_main
 

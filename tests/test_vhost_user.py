@@ -292,3 +292,36 @@ def test_no_testpmd_is_left_running() -> None:
         pytest.skip("no pgrep")
     mine = subprocess.run(["pgrep", "-f", f"file-prefix=kvmlet-{os.getpid()}-"], capture_output=True, text=True)
     assert mine.stdout.strip() == "", f"testpmd processes of this test run are still running: {mine.stdout}"
+
+
+def test_kvmlet_net_port_specs() -> None:
+    from kvmlet.net.cli import parse_port
+
+    assert parse_port("vm0=/run/vm0.sock,queues=2") == VhostPort("vm0", "/run/vm0.sock", 2)
+    with pytest.raises(ConfigError, match="NAME=SOCKET"):
+        parse_port("/run/vm0.sock")
+
+
+@needs_testpmd
+def test_kvmlet_net_switch_runs_until_sigterm_and_cleans_up(tmp_path: Path) -> None:
+    import signal
+    import sys
+
+    sock = tmp_path / "vm0.sock"
+    process = subprocess.Popen([sys.executable, "-m", "kvmlet", "net", "switch", "--port", f"vm0={sock},queues=2"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert process.stdout is not None
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("switch running"):
+                break
+        assert sock.is_socket(), lines
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 0
+        assert not sock.exists()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)

@@ -91,7 +91,8 @@ def test_requests_through_io_virtual_addresses(rig: Rig) -> None:
     used, data, status = rig.read(2)
     assert used == 513 and rig.memory.read(status, 1) == b"\0"
     assert rig.memory.read(data, 512) == rig.disk[1024:1536]
-    assert rig.unit.stats.iotlb_hits > 0 and rig.unit.stats.faults == 0
+    stats = rig.unit.stats
+    assert stats.translations > 0 and stats.window_hits > 0 and stats.faults == 0
 
 
 def test_an_unmapped_page_fails_the_request_and_stays_untouched(rig: Rig) -> None:
@@ -195,3 +196,20 @@ def test_dma_space_accessors(rig: Rig) -> None:
     assert rig.memory.take_dirty()[0][DATA_ADDR // PAGE]
     with pytest.raises(DmaFault):
         space.read(OFFSET + 0x5000_0000, 1)
+
+
+def test_kept_windows_end_at_an_invalidation(rig: Rig) -> None:
+    """The address space keeps windows between accesses, but none survives an invalidation (or a switch of
+    translation): the page is remapped and invalidated, the next access sees the new page."""
+    iova = OFFSET + 0x70000
+    rig.memory.write(0x70000, b"old page")
+    rig.memory.write(0xB0000, b"new page")
+    assert rig.space.read(iova, 8) == b"old page"
+    hits = rig.unit.stats.window_hits
+    assert rig.space.read(iova, 8) == b"old page" and rig.unit.stats.window_hits == hits + 1
+    rig.tables.map(1, iova, 0xB0000)
+    assert rig.space.read(iova, 8) == b"old page"         # not invalidated yet: the kept translation is allowed
+    rig.invalidate_page(iova)
+    assert rig.space.read(iova, 8) == b"new page"
+    write64(rig.unit, r.GCMD, 0)                           # translation off: guest-physical again
+    assert rig.space.read(0x70000, 8) == b"old page"

@@ -235,8 +235,7 @@ class Incoming:
             if complete.resume:
                 machine.resume()
         except KvmletError as exc:
-            answer = not told and not isinstance(exc, Refused) and not (
-                isinstance(exc, StreamError) and ("closed the connection" in str(exc) or "failed:" in str(exc)))
+            answer = not told and not isinstance(exc, Refused) and not (isinstance(exc, StreamError) and exc.gone)
             if answer:      # tell the source why (a damaged frame, a state that does not fit...) before closing
                 try:
                     channel.send(Error(str(exc)))

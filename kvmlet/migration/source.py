@@ -198,6 +198,8 @@ class MigrationSource:
         self._pace_from = 0.0
         self._pace_bytes = 0
         self._sender: PageSender | None = None
+        self._tracking = ""           # "started": logging turned on here; "taken": it was on, pages were taken
+        self._paused_here = False
 
     # -- control (any thread) --
     def start(self) -> None:
@@ -269,10 +271,10 @@ class MigrationSource:
                     channel.send(Cancel("cancelled by the user"))
             channel.close()
         dirty_log = machine.dirty_log
-        if dirty_log is not None and self._tracking_started:
+        if dirty_log is not None and self._tracking == "started":
             with contextlib.suppress(OSError, KvmletError):
                 dirty_log.stop()
-        elif dirty_log is not None and dirty_log.enabled and machine.memory is not None:
+        elif self._tracking == "taken" and machine.memory is not None:
             # the VM tracks dirty pages for diff snapshots and this migration took them: the next diff has all
             machine.memory.requeue_dirty([bytearray(b"\1") * (r.size // PAGE_SIZE) for r in machine.memory.regions])
         if self._committed:
@@ -286,9 +288,6 @@ class MigrationSource:
         return error
 
     # -- the migration --
-    _tracking_started = False
-    _paused_here = False
-
     def _migrate(self) -> MigrationReport:
         machine, params, status = self.machine, self.params, self._status
         assert machine.memory is not None and machine.dirty_log is not None
@@ -313,8 +312,9 @@ class MigrationSource:
         status.phase = "precopy"
         if not dirty_log.enabled:
             dirty_log.start()
-            self._tracking_started = True
+            self._tracking = "started"
         else:
+            self._tracking = "taken"
             dirty_log.take()   # what diff snapshots had not taken yet is sent now anyway; requeued on failure
         self._sender = sender = PageSender(memory, self._emit)
         from kvmlet.snapshot.memory_file import region_data_spans

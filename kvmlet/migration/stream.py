@@ -50,7 +50,12 @@ class MigrationError(KvmletError):
 
 
 class StreamError(MigrationError):
-    """The stream is broken: closed, stalled, corrupted, or another protocol."""
+    """The stream is broken: closed, stalled, corrupted, or another protocol. ``gone``: the connection itself
+    failed or was closed (nothing more can be said on it)."""
+
+    def __init__(self, message: str, *, gone: bool = False) -> None:
+        super().__init__(message)
+        self.gone = gone
 
 
 # -- messages ----------------------------------------------------------------------------------------------
@@ -245,7 +250,7 @@ class Channel:
             raise StreamError(f"the connection to {self.peer} stalled: nothing could be sent for "
                               f"{self.timeout:g} s") from None
         except OSError as exc:
-            raise StreamError(f"the connection to {self.peer} failed: {exc.strerror or exc}") from None
+            raise StreamError(f"the connection to {self.peer} failed: {exc.strerror or exc}", gone=True) from None
         self.bytes_sent += total
 
     def _read(self, length: int, what: str) -> memoryview:
@@ -256,13 +261,13 @@ class Channel:
             while done < length:
                 count = self.sock.recv_into(view[done:], length - done)
                 if count == 0:
-                    raise StreamError(f"{self.peer} closed the connection (while {what} was expected)")
+                    raise StreamError(f"{self.peer} closed the connection (while {what} was expected)", gone=True)
                 done += count
         except TimeoutError:
             raise StreamError(f"the connection to {self.peer} stalled: nothing arrived for {self.timeout:g} s "
                               f"(while {what} was expected)") from None
         except OSError as exc:
-            raise StreamError(f"the connection to {self.peer} failed: {exc.strerror or exc}") from None
+            raise StreamError(f"the connection to {self.peer} failed: {exc.strerror or exc}", gone=True) from None
         self.bytes_received += length
         return view
 

@@ -29,6 +29,7 @@ from kvmlet.devices.iommu.walk import Translation
 from kvmlet.memory import GuestMemory, GuestMemoryError, MemoryRegion
 
 MAX_TRANSLATIONS_PER_RANGE = 16384   # leaf pages one range may cover (64 MiB of 4 KiB pages): more is refused
+MAX_WINDOWS = 256                    # windows an address space keeps (by I/O virtual page) between invalidations
 
 
 class Window(Protocol):
@@ -67,13 +68,15 @@ class DeviceMemory(Protocol):
 
 
 class DmaWindow(NamedTuple):
-    """A contiguous IOVA range and the guest memory it maps to (as a region: ``gpa`` is the first IOVA)."""
+    """A contiguous IOVA range and the guest memory it maps to (as a region: ``gpa`` is the first IOVA, ``target``
+    the guest-physical address it maps to)."""
 
     gpa: int
     size: int
     view: memoryview
     readable: bool
     writable: bool
+    target: int
 
     @property
     def end(self) -> int:
@@ -96,6 +99,10 @@ class DmaAddressSpace:
         self.unit = unit
         self.source_id = source_id
         self._listeners: list[Callable[[], None]] = []
+        # windows already translated, by I/O virtual page: (the unit's cache generation then, the window). A
+        # window is used only while the generation is the unit's current one: any invalidation (or translation
+        # switched on or off) bumps it first, so nothing translated before it is used after it.
+        self._windows: dict[int, tuple[int, DmaWindow]] = {}
         unit.add_listener(self._invalidated)
 
     # -- invalidation ---------------------------------------------------------------------------------
@@ -110,6 +117,7 @@ class DmaAddressSpace:
     def close(self) -> None:
         self.unit.remove_listener(self._invalidated)
         self._listeners.clear()
+        self._windows.clear()     # no view of guest memory outlives the device
 
     # -- dirty tracking -----------------------------------------------------------------------------
     @property
@@ -119,6 +127,10 @@ class DmaAddressSpace:
     def mark_dirty(self, gpa: int, length: int) -> None:
         """Mark the guest pages behind ``[iova, iova+length)`` (a range that just translated: no new fault)."""
         if not self.memory.dirty_tracking or length <= 0:
+            return
+        window = self._cached(gpa, length, True)
+        if window is not None:
+            self.memory.mark_dirty(window.target + gpa - window.gpa, length)
             return
         try:
             pieces = self._pieces(gpa, length, write=True, record=False)
@@ -133,6 +145,12 @@ class DmaAddressSpace:
 
     def _pieces(self, iova: int, length: int, write: bool, record: bool = True) -> list[tuple[int, int]]:
         """The guest-physical pieces of ``[iova, iova+length)``, merged where contiguous, each in one RAM region."""
+        return self._pieces_allowed(iova, length, write, record)[0]
+
+    def _pieces_allowed(self, iova: int, length: int, write: bool,
+                        record: bool = True) -> tuple[list[tuple[int, int]], bool, bool]:
+        """The pieces, and whether every leaf they came from allows reads, and writes."""
+        readable = writable = True
         if length < 0 or iova < 0:
             raise GuestMemoryError(f"invalid DMA range {iova:#x}+{length:#x}")
         pieces: list[tuple[int, int]] = []
@@ -148,6 +166,8 @@ class DmaAddressSpace:
             else:
                 gpa = entry.gpa + (position - entry.iova)
                 take = min(remaining, entry.iova + entry.size - position)
+                readable &= entry.readable
+                writable &= entry.writable
             try:
                 region = self.memory.region_of(gpa)
             except GuestMemoryError:
@@ -163,15 +183,40 @@ class DmaAddressSpace:
                 pieces.append((gpa, take))
             position += take
             remaining -= take
-        return pieces
+        return pieces, readable, writable
+
+    def _cached(self, iova: int, length: int, write: bool) -> DmaWindow | None:
+        entry = self._windows.get(iova >> 12)
+        if entry is None:
+            return None
+        generation, window = entry
+        if (generation != self.unit.generation or not window.gpa <= iova or iova + length > window.gpa + window.size
+                or not (window.writable if write else window.readable)):
+            return None
+        self.unit.stats.window_hits += 1
+        return window
 
     def region_of(self, gpa: int, length: int = 1, write: bool = False,
                   record: bool = True) -> MemoryRegion | DmaWindow:
         """A window over the guest memory that ``[iova, iova+length)`` maps to, with the access checked."""
         iova = gpa
+        if not self.unit.translating:
+            return self.memory.region_of(iova, length)    # untranslated: guest memory's own region
+        cached = self._cached(iova, length, write)
+        if cached is not None:
+            return cached
+        generation = self.unit.generation
+        window = self._translate_window(iova, length, write, record)
+        if isinstance(window, DmaWindow):
+            if len(self._windows) >= MAX_WINDOWS:
+                self._windows.clear()
+            self._windows[iova >> 12] = (generation, window)
+        return window
+
+    def _translate_window(self, iova: int, length: int, write: bool, record: bool) -> MemoryRegion | DmaWindow:
         entry = self._translate(iova, write, record)
         if entry is None:
-            return self.memory.region_of(iova, length)    # untranslated: guest memory's own region
+            return self.memory.region_of(iova, length)    # a pass-through context
         if iova + length <= entry.iova + entry.size:
             target = entry.gpa + (iova - entry.iova)
             try:
@@ -182,13 +227,14 @@ class DmaAddressSpace:
             low = max(entry.gpa, region.gpa)
             high = min(entry.gpa + entry.size, region.end)
             view = region.view[low - region.gpa:high - region.gpa]
-            return DmaWindow(entry.iova + (low - entry.gpa), high - low, view, entry.readable, entry.writable)
-        pieces = self._pieces(iova, length, write, record)
+            return DmaWindow(entry.iova + (low - entry.gpa), high - low, view, entry.readable, entry.writable, low)
+        pieces, readable, writable = self._pieces_allowed(iova, length, write, record)
         if len(pieces) != 1:
             raise DmaScatteredError(f"DMA range {iova:#x}+{length:#x} maps to {len(pieces)} pieces of guest memory")
         target, size = pieces[0]
         region = self.memory.region_of(target, size)
-        return DmaWindow(iova, size, region.view[target - region.gpa:target - region.gpa + size], True, write)
+        return DmaWindow(iova, size, region.view[target - region.gpa:target - region.gpa + size], readable, writable,
+                         target)
 
     def segments(self, iova: int, length: int, write: bool, record: bool = True) -> list[tuple[int, int]]:
         """``[iova, iova+length)`` cut where the guest memory behind it is not contiguous: (iova, length) pieces,
@@ -218,11 +264,28 @@ class DmaAddressSpace:
         start = gpa - window.gpa
         return window.view[start:start + length]
 
+    def _window(self, iova: int, length: int, write: bool) -> MemoryRegion | DmaWindow | None:
+        """One window for the whole range, or None if it is scattered (faults raise)."""
+        try:
+            return self.region_of(iova, length, write)
+        except DmaScatteredError:
+            return None
+
     def read(self, gpa: int, length: int) -> bytes:
+        window = self._window(gpa, length, False)
+        if window is not None:
+            return bytes(window.view[gpa - window.gpa:gpa - window.gpa + length])
         return b"".join(self.memory.read(target, size) for target, size in self._pieces(gpa, length, False))
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         source = memoryview(data).cast("B")
+        window = self._window(gpa, len(source), True)
+        if window is not None:
+            start = gpa - window.gpa
+            window.view[start:start + len(source)] = source
+            if self.memory.dirty_tracking:
+                self.memory.mark_dirty(getattr(window, "target", window.gpa) + start, len(source))
+            return
         done = 0
         for target, size in self._pieces(gpa, len(source), True):
             self.memory.write(target, source[done:done + size])

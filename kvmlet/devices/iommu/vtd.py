@@ -67,6 +67,7 @@ class VtdStats:
     """What the unit counted (reported through the API's metrics and the benchmark)."""
 
     translations: int = 0
+    window_hits: int = 0               # accesses the devices' address spaces served from windows they kept
     iotlb_hits: int = 0
     iotlb_misses: int = 0
     context_misses: int = 0
@@ -181,6 +182,12 @@ class VtdUnit:
                     self._iotlb.clear()
                 self._iotlb[key] = entry
         return entry
+
+    @property
+    def generation(self) -> int:
+        """Bumped by every invalidation and every switch of translation: a view taken under an older generation
+        is not to be used (the address spaces' window caches check it)."""
+        return self._generation
 
     def context_of(self, source_id: int) -> Context | None:
         """The cached context of a source ID (for reports and tests)."""
@@ -495,6 +502,8 @@ class VtdUnit:
             self.gsts |= r.GSTS_RTPS
         enable = bool(value & r.Gcmd.TE)
         if enable != bool(self.gsts & r.GSTS_TES):
+            with self._cache_lock:
+                self._generation += 1
             if enable:
                 self.translating = True
                 self._tell_listeners()      # views taken while translation was off are dropped first

@@ -22,7 +22,6 @@ registers, virtio-mmio): a BAR the guest placed over any of those decodes nothin
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvmlet.devices.bus import Bus, BusConflictError
@@ -256,7 +255,7 @@ class EcamWindow:
 class ConfigPorts:
     """0xCF8 CONFIG_ADDRESS and 0xCFC-0xCFF CONFIG_DATA (a BusDevice of 8 ports)."""
 
-    def __init__(self, bus: PciBus, on_access: Callable[[], None] | None = None) -> None:
+    def __init__(self, bus: PciBus) -> None:
         self.bus = bus
 
     def _target(self, offset: int, size: int) -> tuple[int, int, int] | None:

@@ -11,10 +11,12 @@ differs is where the views of rings and buffers come from and for how long they 
   before the device touches it: a buffer that faults fails its request (the chain goes back with used length 0,
   nothing of it read or written) and the fault is recorded with the device's source ID, the address and the
   reason;
-* the window of the last buffer's page is kept for the next buffers only if the page is readable and writable
-  (a buffer in it needs no new check whatever its direction); windows and ring views are dropped when the unit
-  tells the address space of an invalidation (:meth:`TranslatedQueue.forget_translations`, called with the
-  transport's lock held, so never in the middle of a chain);
+* the window of the last buffer's page is the queue's fast path for the next buffers if the page is readable
+  and writable (a buffer in it needs no new check whatever its direction); the address space keeps the other
+  recent windows (:class:`~kvmlet.devices.iommu.dma.DmaAddressSpace`, checked against the unit's cache
+  generation); the queue's window and ring views are dropped when the unit tells the address space of an
+  invalidation (:meth:`TranslatedQueue.forget_translations`, called with the transport's lock held, so never in
+  the middle of a chain);
 * a buffer that is contiguous in I/O virtual addresses but not in guest memory (a driver that mapped scattered
   pages at consecutive addresses) is cut into pieces, each one view.
 """
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from kvmlet.devices.iommu.dma import DmaScatteredError
+from kvmlet.devices.iommu.dma import DmaScatteredError, Window
 from kvmlet.devices.virtio.chain import BufferList, DescriptorChain, DirectChain, new_buffer, new_buffer_list
 from kvmlet.devices.virtio.queue import _NO_VIEW, ChainError, LimitCounters, RingError, Virtqueue, _Rings
 from kvmlet.memory import GuestMemoryError
@@ -87,10 +89,14 @@ class TranslatedQueue(Virtqueue):
                 return False
             self._scattered = True
             return True
+        self._keep(window)
+        return True
+
+    def _keep(self, window: Window) -> None:
+        """The last buffer's window, for the next buffers (only a page the device may read and write)."""
         if getattr(window, "readable", True) and getattr(window, "writable", True):
             self._data_region = (window.gpa, window.end)
             self._data_view = window.view
-        return True
 
     def _parse_chain(self, head: int) -> DescriptorChain:
         self._scattered = False
