@@ -117,7 +117,7 @@ def test_bad_bodies_are_refused_naming_the_field(server: ApiServer, method: str,
                                                   names: str) -> None:
     before = server.call("GET", "/vm/config")
     status, reply = server.call(method, target, body)
-    assert status == 400
+    assert status == 400, reply
     assert names in reply["fault_message"] and "\n" not in reply["fault_message"]
     after = server.call("GET", "/vm/config")   # a call that fails changes nothing
     assert after == before, {k: (v, after[1].get(k)) for k, v in before[1].items() if after[1].get(k) != v}

@@ -86,6 +86,10 @@ class Vmm:
         self._lock = threading.RLock()
         self._on_exit = on_exit
         self._starting = False
+        # set once the server's preload thread has imported what changes need (Python's import of one package
+        # from two threads can fail with KeyError in 3.11); set from the start when nothing preloads
+        self.preloaded = threading.Event()
+        self.preloaded.set()
         self.boot_timer = False       # log the time from InstanceStart to the guest's first console byte
         self._tpm_quote: dict[str, object] | None = None   # the latest PUT /tpm/quote (kvmlet extension)
         self.startup_us = 0                                     # process start to API ready

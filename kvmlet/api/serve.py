@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kvmlet.errors import KvmletError
 
@@ -130,6 +130,7 @@ def serve(options: ServeOptions) -> int:
 
     events = EventLoopThread("kvmlet-api-events")
     vmm = Vmm(events, instance_id=options.instance_id, on_exit=vm_ended)
+    vmm.preloaded.clear()   # changes wait for the preload thread: two threads importing one package can race
     vmm.boot_timer = options.boot_timer
     writer = None
     server = None
@@ -172,7 +173,7 @@ def serve(options: ServeOptions) -> int:
             events.run_coroutine(server.start()).result(10)
             log.info("Listening on API socket (%s).", options.api_sock)
         vmm.startup_us = int((time.perf_counter() - started) * 1e6)
-        threading.Thread(target=_preload, name="kvmlet-preload", daemon=True).start()
+        threading.Thread(target=_preload, args=(vmm,), name="kvmlet-preload", daemon=True).start()
     except KvmletError as exc:
         print(f"kvmlet: {exc}", file=sys.stderr)
         _shutdown(vmm, server, events, bound)
@@ -187,14 +188,17 @@ def serve(options: ServeOptions) -> int:
     return exit_code[0]
 
 
-def _preload() -> None:
-    from kvmlet.machine.builder import preload
-    from kvmlet.migration.control import preload as preload_migration
-    from kvmlet.snapshot.restore import preload as preload_restore
+def _preload(vmm: Any) -> None:
+    try:
+        from kvmlet.machine.builder import preload
+        from kvmlet.migration.control import preload as preload_migration
+        from kvmlet.snapshot.restore import preload as preload_restore
 
-    preload()
-    preload_restore()
-    preload_migration()
+        preload()
+        preload_restore()
+        preload_migration()
+    finally:
+        vmm.preloaded.set()
 
 
 def _shutdown(vmm: object, server: object, events: object, api_sock: Path | None) -> None:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import h11
 
-from kvmlet.api.routes import find_route, invalid_path
+from kvmlet.api.routes import Route, find_route, invalid_path
 from kvmlet.errors import ConfigError, KvmletError
 
 if TYPE_CHECKING:
@@ -33,6 +33,7 @@ log = logging.getLogger("kvmlet.api")
 DEFAULT_MAX_PAYLOAD = 51200     # bytes, Firecracker's --http-api-max-payload-size default
 READ_CHUNK = 65536
 WORKERS = 4
+PRELOAD_WAIT = 30.0   # seconds a change waits for the server's preload thread (it takes well under one)
 
 
 def bind_api_socket(path: Path) -> socket.socket:
@@ -157,6 +158,11 @@ class ApiServer:
     def _too_large(self, size: int) -> str:
         return f"Request payload with size {size} is larger than the limit of {self.max_payload} allowed by server."
 
+    def _change(self, route: Route, body: bytes, ident: str) -> tuple[int, Any]:
+        """A mutating request on a worker thread, once the server's preloading is done."""
+        self.vmm.preloaded.wait(PRELOAD_WAIT)
+        return route.handler(self.vmm, body, ident)
+
     async def _dispatch(self, method: str, target: str, body: bytes) -> tuple[int, Any]:
         found = find_route(method, target)
         if found is None:
@@ -167,7 +173,7 @@ class ApiServer:
         try:
             if route.mutating:
                 loop = asyncio.get_running_loop()
-                status, payload = await loop.run_in_executor(self.workers, route.handler, self.vmm, body, ident)
+                status, payload = await loop.run_in_executor(self.workers, self._change, route, body, ident)
             else:
                 status, payload = route.handler(self.vmm, body, ident)
         except KvmletError as exc:
