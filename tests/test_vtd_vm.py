@@ -33,6 +33,7 @@ def test_dma_isolation_in_the_guest(guest_elf: Path, tmp_path: Path, extra: str)
     run = run_pci(pci_config(guest_elf, tmp_path, ISOLATION, extra=f"kvmlet.virtio=pci {extra}", iommu="vtd"))
     assert run.status.code == 0, run.output[-3000:]
     _all_passed(run.output, ISOLATION)
+    assert "VTD base=0xfed90000 ver=1.0" in run.output and "VTD scope=all" in run.output     # DMAR, INCLUDE_PCI_ALL
     levels = 3 if "levels=3" in extra else 4
     assert f"VTD on devices=2 levels={levels} page=0x1000" in run.output
     assert re.search(r"VTD fault sid=00:01\.0 addr=0x[0-9a-f]+ reason=5 type=write", run.output), run.output

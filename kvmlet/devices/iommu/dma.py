@@ -14,6 +14,11 @@ for the next buffers. The queue keeps such windows only until the unit tells thi
 (:meth:`DmaAddressSpace.on_invalidate`): then they are dropped, under the device's lock, before the guest sees the
 invalidation complete. A range that maps to guest memory in pieces is no one view: :meth:`segments` splits it.
 
+The space keeps the windows it translated (at most ``MAX_WINDOWS``, by I/O virtual page, with the permissions of
+the leaves they came from): a device-side TLB, so that after the first access to a page an access costs a
+dictionary lookup, not a walk. A kept window is used only while the unit's cache generation is the one it was
+translated under; every invalidation and every switch of translation bumps it first.
+
 Nothing here reaches outside guest RAM: a translation that leads outside it (the MMIO hole, beyond the end) fails
 the access (not a remapping fault: the unit translated it; nothing is there), and every view is a slice of a
 RAM region's own view.
