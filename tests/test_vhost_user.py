@@ -280,13 +280,6 @@ def test_a_back_end_sending_garbage_mid_run_is_disconnected_and_the_vm_runs_on(g
     assert backend.memory_fds >= 1    # the memory table went with the memfd
 
 
-def test_vhost_net_where_the_host_has_it() -> None:
-    if not os.path.exists("/dev/vhost-net"):
-        pytest.skip("no /dev/vhost-net on this host (the vhost_net module is not loaded or cannot be): the kernel "
-                    "data path for TAP interfaces cannot be tested here")
-    pytest.xfail("kvmlet has no vhost-net data path yet (docs/networking.md): TAP interfaces use kvmlet's own")
-
-
 def test_no_testpmd_is_left_running() -> None:
     if shutil.which("pgrep") is None:
         pytest.skip("no pgrep")

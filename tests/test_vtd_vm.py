@@ -202,10 +202,3 @@ def test_virtio_vsock_through_io_virtual_addresses(guest_elf: Path, tmp_path: Pa
         thread.join(5)
     _all_passed(run.output, "vtd-on,virtio-vsock")
     assert got == [b"PING\n"] and run.stats["vtd"].faults == 0                # type: ignore[attr-defined]
-
-
-def test_device_assignment_needs_vfio() -> None:
-    """VFIO device assignment is designed (docs/vtd.md), not built: it needs /dev/vfio, which this host lacks."""
-    if not os.path.exists("/dev/vfio/vfio"):
-        pytest.skip("no /dev/vfio/vfio on this host: VFIO device assignment cannot be exercised here")
-    pytest.skip("VFIO device assignment is designed in docs/vtd.md but not built yet")
