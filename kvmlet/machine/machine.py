@@ -166,11 +166,14 @@ class Machine:
                     self.devices.pause()
                 for thread in self.threads:
                     thread.request_pause()
-            elif self.devices is not None and self.devices.paused:
-                self.devices.resume()        # a restored machine's devices wait for its start
             self.state = VmState.RUNNING
             for thread in self.threads:
                 thread.start()
+            if not paused and self.devices is not None and self.devices.paused:
+                # a restored machine's devices wait for its start; resumed after the vCPU threads started, since
+                # resuming wakes the event loop, which would hold the GIL while a new thread waits for it (up to
+                # the 5 ms switch interval); the guest's notifications meanwhile are held, not lost
+                self.devices.resume()
             if paused:
                 for thread in self.threads:
                     thread.wait_paused(5.0)
