@@ -116,6 +116,28 @@ _DEPENDENCIES = (
 )
 
 
+def features_consistent(features: int) -> bool:
+    """Whether every negotiated feature has the features it depends on (virtio 1.2, 5.1.3.1)."""
+    for bit, needs in _DEPENDENCIES:
+        if features & feature_bit(bit) and not any(features & feature_bit(need) for need in needs):
+            return False
+    return True
+
+
+def net_config_space(mac: bytes, link_up: bool, pairs: int, mtu: int | None) -> bytes:
+    """The configuration space: MAC, status, max_virtqueue_pairs, MTU."""
+    status = VIRTIO_NET_S_LINK_UP if link_up else 0
+    return mac + struct.pack("<HHH", status, pairs, mtu or 1500)
+
+
+def control_queue_index(features: int, pairs: int) -> int | None:
+    """The control queue's index for the negotiated ``features``: after all pairs with MQ, 2 without, none
+    without CTRL_VQ."""
+    if not features & feature_bit(VIRTIO_NET_F_CTRL_VQ):
+        return None
+    return 2 * pairs if features & feature_bit(VIRTIO_NET_F_MQ) else 2
+
+
 def offload_for_features(features: int) -> Offload:
     """The TUNSETOFFLOAD flags matching the receive offloads a driver accepted."""
     offload = Offload.NONE
@@ -213,21 +235,14 @@ class VirtioNet(VirtioDevice):
         return features
 
     def accept_features(self, features: int) -> bool:
-        for bit, needs in _DEPENDENCIES:
-            if features & feature_bit(bit) and not any(features & feature_bit(need) for need in needs):
-                return False
-        return True
+        return features_consistent(features)
 
     def config_space(self) -> bytes:
-        status = VIRTIO_NET_S_LINK_UP if self.link_up else 0
-        return self.mac + struct.pack("<HHH", status, self.pairs, self.mtu or 1500)
+        return net_config_space(self.mac, self.link_up, self.pairs, self.mtu)
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def on_activate(self) -> None:
-        if self.has_feature(VIRTIO_NET_F_CTRL_VQ):
-            self.control_index = 2 * self.pairs if self.has_feature(VIRTIO_NET_F_MQ) else 2
-        else:
-            self.control_index = None
+        self.control_index = control_queue_index(self.features, self.pairs)
         self._pair = [_Pair() for _ in range(self.pairs)]
         self.link_up = self.tap.exists() and bool(self.tap.fds)
         self._set_active_pairs(1)

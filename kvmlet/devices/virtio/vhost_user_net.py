@@ -36,7 +36,6 @@ from kvmlet.devices.state import VirtioDeviceState
 from kvmlet.devices.virtio.constants import COMMON_FEATURES, DeviceType, InterruptReason, feature_bit
 from kvmlet.devices.virtio.device import ActivationError, VirtioDevice
 from kvmlet.devices.virtio.net import (
-    _DEPENDENCIES,
     CONTROL_QUEUE_SIZE,
     OFFLOAD_FEATURES,
     QUEUE_SIZE,
@@ -50,7 +49,9 @@ from kvmlet.devices.virtio.net import (
     VIRTIO_NET_F_MTU,
     VIRTIO_NET_F_STATUS,
     VIRTIO_NET_OK,
-    VIRTIO_NET_S_LINK_UP,
+    control_queue_index,
+    features_consistent,
+    net_config_space,
 )
 from kvmlet.devices.virtio.queue import DescriptorChain, Virtqueue
 from kvmlet.errors import ConfigError, UnsupportedError
@@ -232,21 +233,14 @@ class VhostUserNet(VirtioDevice):
         return self.device_features() & ~COMMON_FEATURES
 
     def accept_features(self, features: int) -> bool:
-        for bit, needs in _DEPENDENCIES:
-            if features & feature_bit(bit) and not any(features & feature_bit(need) for need in needs):
-                return False
-        return True
+        return features_consistent(features)
 
     def config_space(self) -> bytes:
-        status = VIRTIO_NET_S_LINK_UP if self.link_up else 0
-        return self.mac + struct.pack("<HHH", status, self.pairs, self.mtu or 1500)
+        return net_config_space(self.mac, self.link_up, self.pairs, self.mtu)
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def on_activate(self) -> None:
-        if self.has_feature(VIRTIO_NET_F_CTRL_VQ):
-            self.control_index = 2 * self.pairs if self.has_feature(VIRTIO_NET_F_MQ) else 2
-        else:
-            self.control_index = None
+        self.control_index = control_queue_index(self.features, self.pairs)
         self.active_pairs = 1
         with self._lock:
             if self._conn is None:
