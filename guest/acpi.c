@@ -2,7 +2,7 @@
  * ACPI table lookup for the PCI and VT-d checks (ACPI 6.5, chapter 5): the RSDP from the boot
  * information, else searched for in the EBDA's first KiB and 0xE0000-0xFFFFF; then the XSDT (or the
  * RSDT of an ACPI 1.0 RSDP), whose entries are checked (signature, length within 64 KiB, checksum)
- * before one is returned. Used for MCFG (ECAM) and DMAR (the remapping units).
+ * before one is returned. Used for MCFG (ECAM), DMAR (the remapping units) and TPM2 (the vTPM check).
  */
 #include "pci.h"
 

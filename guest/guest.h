@@ -206,5 +206,19 @@ bool guard_expired(struct time_guard *g); /* call at least every few ms while wa
 void __attribute__((noreturn)) guest_exit(unsigned status);
 extern unsigned checks_passed, checks_failed;
 
+/* ACPI tables (acpi.c): the RSDP, then the XSDT (or RSDT), each entry checked before it is returned */
+struct acpi_header {
+    char signature[4];
+    uint32_t length;
+    uint8_t revision;
+    uint8_t checksum;
+    char oem_id[6];
+    char oem_table_id[8];
+    uint32_t oem_revision;
+    uint32_t creator_id;
+    uint32_t creator_revision;
+} __attribute__((packed));
+const struct acpi_header *acpi_find_table(const char sig[4]); /* NULL if absent or invalid */
+
 #endif /* !__ASSEMBLER__ */
 #endif

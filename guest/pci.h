@@ -8,20 +8,6 @@
 
 #include "virtio.h"
 
-/* ACPI (acpi.c) */
-struct acpi_header {
-    char signature[4];
-    uint32_t length;
-    uint8_t revision;
-    uint8_t checksum;
-    char oem_id[6];
-    char oem_table_id[8];
-    uint32_t oem_revision;
-    uint32_t creator_id;
-    uint32_t creator_revision;
-} __attribute__((packed));
-const struct acpi_header *acpi_find_table(const char sig[4]); /* NULL if absent or invalid */
-
 /* Configuration space (pci.c) */
 #define PCI_VENDOR_ID 0x00
 #define PCI_DEVICE_ID 0x02

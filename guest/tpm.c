@@ -3,7 +3,7 @@
  * Profile (the FIFO interface registers), the TCG ACPI Specification (the TPM2 table) and the TCG PC Client
  * Platform Firmware Profile (the crypto-agile event log).
  *
- * 1. ACPI: RSDP (boot information, else the EBDA and 0xE0000-0xFFFFF) -> XSDT -> "TPM2"; its start method must
+ * 1. ACPI: the "TPM2" table, found by acpi_find_table (acpi.c: RSDP -> XSDT, checksums); its start method must
  *    be 6 (TIS); LAML (offset 64) and LASA (offset 68) give the event log.
  * 2. TIS at locality 0: ACCESS.requestUse, wait for activeLocality; DID_VID and INTERFACE_ID printed. A request
  *    for locality 4 must not be granted (it belongs to the VMM, as TXT keeps it for the processor).
@@ -155,57 +155,23 @@ static void hex32(const uint8_t *d, char out[65])
 
 /* ---- ACPI: the TPM2 table ---- */
 
-static uint8_t sum8(const uint8_t *p, size_t n)
-{
-    uint8_t s = 0;
-    while (n--)
-        s += *p++;
-    return s;
-}
-
 static uint64_t rd64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
 static uint32_t rd32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
 static uint16_t rd16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 
-static uint64_t find_rsdp(void)
-{
-    if (boot.rsdp_paddr && memcmp(phys(boot.rsdp_paddr), "RSD PTR ", 8) == 0)
-        return boot.rsdp_paddr;
-    for (uint64_t a = 0xe0000; a < 0x100000; a += 16)
-        if (memcmp(phys(a), "RSD PTR ", 8) == 0 && sum8(phys(a), 20) == 0)
-            return a;
-    return 0;
-}
-
 static const char *find_tpm2(uint64_t *lasa, uint32_t *laml)
 {
-    uint64_t rsdp = find_rsdp();
-    if (!rsdp)
-        return "no ACPI RSDP";
-    const uint8_t *r = phys(rsdp);
-    if (r[15] < 2 || !rd64(r + 24))
-        return "no XSDT (ACPI 1.0 RSDP)";
-    const uint8_t *x = phys(rd64(r + 24));
-    uint32_t xlen = rd32(x + 4);
-    if (memcmp(x, "XSDT", 4) != 0 || xlen < 36 || sum8(x, xlen) != 0)
-        return "bad XSDT";
-    for (uint32_t off = 36; off + 8 <= xlen; off += 8) {
-        uint64_t a = rd64(x + off);
-        if (!a || a + 36 > IDENTITY_MAP_END)
-            continue;
-        const uint8_t *t = phys(a);
-        if (memcmp(t, "TPM2", 4) != 0)
-            continue;
-        uint32_t len = rd32(t + 4);
-        if (len < 76 || sum8(t, len) != 0)
-            return fail("TPM2 table at 0x%lx: bad length %lu or checksum", a, len);
-        if (rd32(t + 48) != 6)
-            return fail("TPM2 table: start method %lu, not 6 (TIS)", rd32(t + 48), 0);
-        *laml = rd32(t + 64);
-        *lasa = rd64(t + 68);
-        return NULL;
-    }
-    return "no TPM2 table in the XSDT";
+    const struct acpi_header *h = acpi_find_table("TPM2");   /* checksum and length checked */
+    if (!h)
+        return "no TPM2 table in the XSDT";
+    const uint8_t *t = (const uint8_t *)h;
+    if (h->length < 76)
+        return fail("TPM2 table: length %lu, less than 76", h->length, 0);
+    if (rd32(t + 48) != 6)
+        return fail("TPM2 table: start method %lu, not 6 (TIS)", rd32(t + 48), 0);
+    *laml = rd32(t + 64);
+    *lasa = rd64(t + 68);
+    return NULL;
 }
 
 /* ---- TIS ---- */
