@@ -46,17 +46,6 @@
 #define AML_ROOT_CHAR     '\\'
 #define AML_PARENT_CHAR   '^'
 
-struct sdt_header {
-    char signature[4];
-    uint32_t length;
-    uint8_t revision;
-    uint8_t checksum;
-    char oem_id[6];
-    char oem_table_id[8];
-    uint32_t oem_revision;
-    uint32_t creator_id;
-    uint32_t creator_revision;
-} __attribute__((packed));
 
 struct vgen {
     uint64_t addr;
@@ -137,13 +126,13 @@ static uint64_t find_rsdp(const char **how)
 }
 
 /* The table at paddr after checking signature, length and checksum; NULL and *err otherwise. */
-static const struct sdt_header *table_at(uint64_t paddr, const char *sig, const char **err)
+static const struct acpi_header *table_at(uint64_t paddr, const char *sig, const char **err)
 {
     if (!paddr || paddr + SDT_HEADER_SIZE > IDENTITY_MAP_END) {
         *err = fail("%s at 0x%lx: outside the 4 GiB identity map", (uint64_t)sig, paddr);
         return NULL;
     }
-    const struct sdt_header *h = phys(paddr);
+    const struct acpi_header *h = phys(paddr);
     if (memcmp(h->signature, sig, 4) != 0) {
         *err = fail("no %s at 0x%lx (bad signature)", (uint64_t)sig, paddr);
         return NULL;
@@ -408,7 +397,7 @@ static const char *find_vgen(struct vgen *dev)
     const uint8_t *r = phys(rsdp);
     bool xsdt = r[15] >= 2 && get_u64(r + 24) != 0;
     uint64_t root_addr = xsdt ? get_u64(r + 24) : get_u32(r + 16);
-    const struct sdt_header *root = table_at(root_addr, xsdt ? "XSDT" : "RSDT", &err);
+    const struct acpi_header *root = table_at(root_addr, xsdt ? "XSDT" : "RSDT", &err);
     if (!root)
         return err;
     unsigned entry_size = xsdt ? 8 : 4, n = (root->length - SDT_HEADER_SIZE) / entry_size;
@@ -416,10 +405,10 @@ static const char *find_vgen(struct vgen *dev)
     uint64_t dsdt_addr = 0;
     for (unsigned i = 0; i < n && !dsdt_addr; i++) {
         uint64_t a = xsdt ? get_u64(entries + 8 * i) : get_u32(entries + 4 * i);
-        const struct sdt_header *h = a && a + SDT_HEADER_SIZE <= IDENTITY_MAP_END ? phys(a) : NULL;
+        const struct acpi_header *h = a && a + SDT_HEADER_SIZE <= IDENTITY_MAP_END ? phys(a) : NULL;
         if (!h || memcmp(h->signature, "FACP", 4) != 0)
             continue;
-        const struct sdt_header *fadt = table_at(a, "FACP", &err);
+        const struct acpi_header *fadt = table_at(a, "FACP", &err);
         if (!fadt)
             return err;
         const uint8_t *f = (const uint8_t *)fadt;
@@ -431,7 +420,7 @@ static const char *find_vgen(struct vgen *dev)
     }
     if (!dsdt_addr)
         return fail("no FADT in the %s at 0x%lx", (uint64_t)(xsdt ? "XSDT" : "RSDT"), root_addr);
-    const struct sdt_header *dsdt = table_at(dsdt_addr, "DSDT", &err);
+    const struct acpi_header *dsdt = table_at(dsdt_addr, "DSDT", &err);
     if (!dsdt)
         return err;
     kprintf("vmgenid tables rsdp=0x%lx (%s) %s=0x%lx dsdt=0x%lx\n", rsdp, how, xsdt ? "xsdt" : "rsdt", root_addr,
@@ -440,10 +429,10 @@ static const char *find_vgen(struct vgen *dev)
         return NULL;
     for (unsigned i = 0; i < n; i++) {
         uint64_t a = xsdt ? get_u64(entries + 8 * i) : get_u32(entries + 4 * i);
-        const struct sdt_header *h = a && a + SDT_HEADER_SIZE <= IDENTITY_MAP_END ? phys(a) : NULL;
+        const struct acpi_header *h = a && a + SDT_HEADER_SIZE <= IDENTITY_MAP_END ? phys(a) : NULL;
         if (!h || memcmp(h->signature, "SSDT", 4) != 0)
             continue;
-        const struct sdt_header *ssdt = table_at(a, "SSDT", &err);
+        const struct acpi_header *ssdt = table_at(a, "SSDT", &err);
         if (ssdt && scan_aml((const uint8_t *)ssdt + SDT_HEADER_SIZE, (const uint8_t *)ssdt + ssdt->length, dev))
             return NULL;
     }
