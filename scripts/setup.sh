@@ -8,7 +8,8 @@ SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 DEBIAN_PACKAGES=(build-essential make gcc binutils linux-libc-dev qemu-system-x86 iproute2 dpkg lz4
-    swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config python3-dev)  # the vTPM (kvmlet.tpm): tpm2-pytss builds against libtss2
+    swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config python3-dev  # the vTPM (kvmlet.tpm): tpm2-pytss builds against libtss2
+    acpica-tools)  # iasl: tests/test_pci_vm.py disassembles the ACPI tables kvmlet writes
 DEBIAN_PACKAGES+=(dpdk dpdk-dev)  # the vhost-user back end the tests and `kvmlet net switch` run: dpdk-testpmd
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do
