@@ -44,7 +44,8 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--net", action="append", default=[], metavar="SPEC",
                      help="a virtio-net interface on a TAP (repeatable): tap=NAME|auto[,id=NAME][,mac=MAC][,queues=N]"
                           "[,offload=on|off][,mtu=N][,address=IP/LEN][,bridge=BR][,rx-bps=SIZE][,rx-pps=N]"
-                          "[,tx-bps=SIZE][,tx-pps=N][,...-burst=N][,refill-ms=MS]; or vhost-user=SOCKET[,queues=N]"
+                          "[,tx-bps=SIZE][,tx-pps=N][,...-burst=N][,refill-ms=MS][,vhost=on] (vhost=on: the kernel's "
+                          "vhost-net moves the frames, docs/vhost-net.md); or vhost-user=SOCKET[,queues=N]"
                           "[,id=NAME][,mac=MAC][,mtu=N] (the data path in a vhost-user back end: docs/networking.md)")
     run.add_argument("--vsock", metavar="SPEC",
                      help="a virtio-vsock device: cid=N,uds=PATH (host clients connect to PATH and send "

@@ -205,6 +205,8 @@ class NetworkInterface(Model):
     transport: Transport = "mmio"
     # kvmlet extension: the data path in a vhost-user back end (its socket; kvmlet connects) instead of a TAP
     vhost_user_socket: str | None = None
+    # kvmlet extension: the TAP's data path in the kernel's vhost-net (/dev/vhost-net) instead of kvmlet's
+    vhost_net: bool = False
 
     def validate(self) -> None:
         label = f"network interface {self.iface_id!r}"
@@ -220,6 +222,17 @@ class NetworkInterface(Model):
                 if getattr(self, field_name) is not None:
                     raise ConfigError(f"{label}: {field_name} applies to TAP interfaces; a vhost-user interface's "
                                       "host side and limits belong to its back end (see kvmlet net)")
+        if self.vhost_net:
+            if self.vhost_user_socket is not None:
+                raise ConfigError(f"{label}: vhost_net (the kernel's data path for a TAP) and vhost_user_socket (a "
+                                  "vhost-user back end) exclude each other")
+            if self.transport != "mmio":
+                raise ConfigError(f"{label}: a vhost-net interface needs transport mmio (the kernel interrupts the "
+                                  "guest through the device's one irqfd; virtio-pci MSI-X is not wired for it)")
+            for field_name in ("rx_rate_limiter", "tx_rate_limiter"):
+                if getattr(self, field_name) is not None:
+                    raise ConfigError(f"{label}: {field_name} needs kvmlet's own TAP data path; with vhost_net the "
+                                      "kernel moves the frames and kvmlet cannot limit them")
         if not 1 <= self.queues <= MAX_QUEUE_PAIRS:
             raise ConfigError(f"{label}: queues {self.queues}: choose 1 to {MAX_QUEUE_PAIRS} queue pairs")
         if self.mtu is not None and not 68 <= self.mtu <= MAX_TAP_MTU:

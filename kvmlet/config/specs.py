@@ -3,8 +3,9 @@
 ``--drive path=disk.img[,readonly=on][,direct=on][,id=NAME][,root=on][,bps=SIZE][,bps-burst=SIZE][,iops=N]
 [,iops-burst=N][,refill-ms=MS]`` (a bare first item is the path), ``--rng [bps=SIZE][,bps-burst=SIZE]
 [,refill-ms=MS]``, ``--net tap=NAME|auto[,id=NAME][,mac=02:..][,queues=N][,offload=on|off][,mtu=N]
-[,address=IP/LEN][,bridge=BR][,rx-bps=SIZE][,rx-pps=N][,tx-...][,...-burst=N][,refill-ms=MS]`` (a bare first
-item is the TAP), ``--net vhost-user=SOCKET[,queues=N][,id=NAME][,mac=..][,mtu=N][,offload=on|off]`` (the data path
+[,address=IP/LEN][,bridge=BR][,rx-bps=SIZE][,rx-pps=N][,tx-...][,...-burst=N][,refill-ms=MS][,vhost=on|off]``
+(a bare first item is the TAP; ``vhost=on``: the kernel's vhost-net moves the TAP's frames, docs/vhost-net.md),
+``--net vhost-user=SOCKET[,queues=N][,id=NAME][,mac=..][,mtu=N][,offload=on|off]`` (the data path
 in a vhost-user back end, docs/networking.md) and ``--vsock cid=N,uds=PATH``. Every device takes
 ``transport=mmio|pci`` (kvmlet: virtio-mmio, the
 default, or virtio-pci with MSI-X; behind the VT-d unit with ``--iommu vtd``). Rates are token buckets refilled
@@ -37,7 +38,7 @@ DRIVE_KEYS = ("path", "readonly", "direct", "id", "root", *_RATE_KEYS, "transpor
 RNG_KEYS = ("bps", "bps-burst", "refill-ms", "transport")
 _NET_RATE_KEYS = tuple(f"{side}-{kind}" for side in ("rx", "tx") for kind in ("bps", "bps-burst", "pps", "pps-burst"))
 NET_KEYS = ("tap", "id", "mac", "queues", "offload", "mtu", "address", "bridge", *_NET_RATE_KEYS, "refill-ms",
-            "transport", "vhost-user")
+            "transport", "vhost-user", "vhost")
 VSOCK_KEYS = ("cid", "uds", "transport")
 TRANSPORTS = ("mmio", "pci")
 
@@ -147,11 +148,15 @@ def parse_net(spec: str, number: int) -> NetworkInterface:
         bridge=values.get("bridge") or None,
         rx_rate_limiter=bucket_pair(option, values, ("rx-bps", "rx-pps")),
         tx_rate_limiter=bucket_pair(option, values, ("tx-bps", "tx-pps")), transport=_transport(option, values),
-        vhost_user_socket=values.get("vhost-user") or None)
+        vhost_user_socket=values.get("vhost-user") or None,
+        vhost_net=_boolean(option, "vhost", values["vhost"]) if "vhost" in values else False)
     if "vhost-user" in values and "tap" in values:
         raise ConfigError(f"{option}: give tap= or vhost-user=, not both")
-    if net.vhost_user_socket is not None:
-        net.validate()   # what a vhost-user interface cannot take (address, bridge, rates, transport pci)
+    if "vhost-user" in values and net.vhost_net:
+        raise ConfigError(f"{option}: vhost=on is the kernel's data path for a TAP; a vhost-user interface has its "
+                          "own back end (give tap=NAME,vhost=on or vhost-user=SOCKET)")
+    if net.vhost_user_socket is not None or net.vhost_net:
+        net.validate()   # what a vhost interface cannot take (vhost-user: address, bridge; rates, transport pci)
     if not 1 <= net.queues <= MAX_QUEUE_PAIRS:
         raise ConfigError(f"{option}: queues={net.queues}: choose 1 to {MAX_QUEUE_PAIRS} queue pairs")
     if net.mtu is not None and not 68 <= net.mtu <= MAX_TAP_MTU:

@@ -133,6 +133,8 @@ def add_network_interface(manager: DeviceManager, net: NetworkInterface, index: 
     label = f"network interface {net.iface_id!r}"
     if net.vhost_user_socket is not None:
         return add_vhost_user_interface(manager, net, index)
+    if net.vhost_net:
+        return add_vhost_net_interface(manager, net, index)
     try:
         tap = Tap.open(net.host_dev_name, net.queues)
     except TapError as exc:
@@ -149,6 +151,37 @@ def add_network_interface(manager: DeviceManager, net: NetworkInterface, index: 
         raise ConfigError(f"{label}: {exc}") from None
     except BaseException:
         tap.close()
+        raise
+    return _attach(manager, device, net)
+
+
+def add_vhost_net_interface(manager: DeviceManager, net: NetworkInterface, index: int,
+                            device_path: str | None = None) -> ManagedDevice:
+    """A virtio-net interface on a TAP whose frames the kernel's vhost-net moves: ``/dev/vhost-net`` opened once per
+    queue pair (first, so that a host without it is told so before anything else), then the TAP's queues."""
+    from kvmlet.devices.virtio.vhost_kernel_net import VhostKernelNet, open_vhost_net
+    from kvmlet.net.tap import Tap, TapError, TapSettings
+    from kvmlet.vhost.kernel import VHOST_NET_DEVICE, VhostKernelError
+
+    label = f"network interface {net.iface_id!r}"
+    try:
+        channels = open_vhost_net(net.queues, device_path or VHOST_NET_DEVICE)
+    except VhostKernelError as exc:
+        raise ConfigError(f"{label}: {exc}") from None
+    tap: Tap | None = None
+    try:
+        tap = Tap.open(net.host_dev_name, net.queues)
+        tap.configure(TapSettings(mtu=net.mtu, address=net.address, bridge=net.bridge))
+        mac = parse_mac(net.guest_mac, label) if net.guest_mac else default_mac(f"{_vm_seed()}/{tap.name}", index)
+        device = VhostKernelNet(tap, channels, mac, manager.memory, manager.events, mtu=net.mtu,
+                                offloads=net.offload, name=f"net:{net.iface_id}")
+    except BaseException as exc:
+        for channel in channels:
+            channel.close()
+        if tap is not None:
+            tap.close()
+        if isinstance(exc, TapError):
+            raise ConfigError(f"{label}: {exc}") from None
         raise
     return _attach(manager, device, net)
 
@@ -236,6 +269,9 @@ def update_network_interface(manager: DeviceManager, update: NetworkInterfaceUpd
     if managed is not None and getattr(managed.config, "vhost_user_socket", None) is not None:
         raise ConfigError(f"network interface {update.iface_id!r} is a vhost-user interface: its rate limits are "
                           "the back end's (kvmlet net port ... rate=)")
+    if managed is not None and getattr(managed.config, "vhost_net", False):
+        raise ConfigError(f"network interface {update.iface_id!r} uses vhost-net: the kernel moves its frames, so "
+                          "kvmlet cannot rate-limit them")
     if managed is None or managed.transport is None or not isinstance(managed.device, VirtioNet):
         raise ConfigError(f"network interface {update.iface_id!r} does not exist")
     net: NetworkInterface = managed.config

@@ -21,14 +21,17 @@ import socket
 import struct
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-from kvmlet.errors import KvmletError
+from kvmlet.vhost.common import (
+    VRING_ADDR,
+    VRING_STATE,
+    MemoryRegionSpec,
+    VhostError,
+    VringAddresses,
+)
 
 HEADER = struct.Struct("<III")
 U64 = struct.Struct("<Q")
-VRING_STATE = struct.Struct("<II")           # index, num
-VRING_ADDR = struct.Struct("<IIQQQQ")        # index, flags, descriptor, used, available, log
 MEMORY_REGION = struct.Struct("<QQQQ")       # guest address, size, user (front-end) address, mmap offset
 MEMORY_HEADER = struct.Struct("<II")         # number of regions, padding
 MAX_MEMORY_REGIONS = 8                       # without VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS
@@ -78,37 +81,16 @@ class ProtocolFeature(enum.IntEnum):
 
 
 VHOST_USER_F_PROTOCOL_FEATURES = 30          # a virtio feature bit: the back end speaks protocol features
-VHOST_F_LOG_ALL = 26                         # dirty logging of what the back end writes (not used by kvmlet yet)
 # What kvmlet uses when the back end offers it.
 WANTED_PROTOCOL_FEATURES = (1 << ProtocolFeature.MQ) | (1 << ProtocolFeature.REPLY_ACK)
 
 
-class VhostUserError(KvmletError):
+class VhostUserError(VhostError):
     """A vhost-user back end cannot be reached or used."""
 
 
 class VhostUserProtocolError(VhostUserError):
     """The back end broke the protocol (a malformed or unexpected message): the connection is dropped."""
-
-
-@dataclass(frozen=True)
-class MemoryRegionSpec:
-    """One region of guest RAM as the back end maps it: an fd (the memfd), where in it, and where."""
-
-    guest_address: int
-    size: int
-    user_address: int          # the front end's (kvmlet's) virtual address of the region
-    fd: int
-    fd_offset: int
-
-
-@dataclass(frozen=True)
-class VringAddresses:
-    """A ring's parts as front-end virtual addresses (the back end translates them with the memory table)."""
-
-    descriptor: int
-    used: int
-    available: int
 
 
 class VhostUserConnection:

@@ -1,18 +1,10 @@
 """virtio-net with its data path in a vhost-user back end (a DPDK switch, Open vSwitch with DPDK, testpmd).
 
-kvmlet keeps the device model: the transport, feature negotiation, the configuration space (MAC, link status,
-queue pairs, MTU) and the control queue (``VIRTIO_NET_CTRL_MQ``: which pairs are enabled). The receive and
-transmit rings, and the guest memory they point into, are handed to the back end:
-
-* guest RAM: ``SET_MEM_TABLE`` with one region per memslot, each the memfd kvmlet maps shared (a VM whose memory is
-  mapped privately, e.g. restored from a snapshot file, is refused: the back end would see other pages);
-* kicks: each data queue's eventfd is the one KVM's ioeventfd signals on QueueNotify (the device manager does not
-  watch it), passed with ``SET_VRING_KICK``: a guest notification goes from KVM straight to the back end;
-* interrupts: the transport's irqfd eventfd, passed with ``SET_VRING_CALL``: the back end interrupts the guest
-  through KVM directly. As virtio-mmio has one interrupt line and an InterruptStatus register the back end cannot
-  set, the device reports "used buffer" in InterruptStatus for as long as it runs (``external_interrupt_status``),
-  as other VMMs do for vhost on virtio-mmio; a driver then checks its rings on each interrupt;
-* kvmlet does no work per frame.
+The device model, the ring hand-over and the control queue are :class:`~kvmlet.devices.virtio.vhost_device.
+VhostNetDevice`'s (shared with the kernel's vhost-net); this is the vhost-user transport to it: one connection to
+the back end's socket carries every ring (``SET_VRING_ENABLE`` says which pairs the driver uses), and guest RAM goes
+with ``SET_MEM_TABLE`` as the memfds kvmlet maps shared (a VM whose memory is mapped privately, e.g. restored from
+a snapshot file, is refused: the back end would see other pages).
 
 Connection: kvmlet is the client of the back end's socket. The socket is watched on the event loop: when the back
 end goes away (a restart) the link is reported down, and kvmlet reconnects every ``RECONNECT_INTERVAL`` seconds;
@@ -28,108 +20,100 @@ without kvmlet's dirty log (``VHOST_F_LOG_ALL`` and ``SET_LOG_BASE`` are not imp
 from __future__ import annotations
 
 import logging
-import struct
-import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from kvmlet.devices.state import VirtioDeviceState
-from kvmlet.devices.virtio.constants import COMMON_FEATURES, DeviceType, InterruptReason, feature_bit
-from kvmlet.devices.virtio.device import ActivationError, VirtioDevice
-from kvmlet.devices.virtio.net import (
-    CONTROL_QUEUE_SIZE,
-    OFFLOAD_FEATURES,
-    QUEUE_SIZE,
-    VIRTIO_NET_CTRL_MQ,
-    VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
-    VIRTIO_NET_ERR,
-    VIRTIO_NET_F_CTRL_VQ,
-    VIRTIO_NET_F_MAC,
-    VIRTIO_NET_F_MQ,
-    VIRTIO_NET_F_MRG_RXBUF,
-    VIRTIO_NET_F_MTU,
-    VIRTIO_NET_F_STATUS,
-    VIRTIO_NET_OK,
-    control_queue_index,
-    features_consistent,
-    net_config_space,
-)
-from kvmlet.devices.virtio.queue import DescriptorChain, Virtqueue
-from kvmlet.errors import ConfigError, UnsupportedError
+from kvmlet.devices.virtio.net import QUEUE_SIZE, VIRTIO_NET_F_STATUS
+from kvmlet.devices.virtio.vhost_device import VhostNetDevice, VhostStats
+from kvmlet.errors import ConfigError
 from kvmlet.eventloop import EventLoop
 from kvmlet.memory import GuestMemory
+from kvmlet.vhost.common import VhostChannel, VhostError
 from kvmlet.vhost.protocol import (
     VHOST_USER_F_PROTOCOL_FEATURES,
-    MemoryRegionSpec,
     ProtocolFeature,
     VhostUserConnection,
     VhostUserError,
-    VringAddresses,
 )
 
 log = logging.getLogger("kvmlet.vhost")
 
 RECONNECT_INTERVAL = 0.5
-_KVMLET_ONLY = feature_bit(VIRTIO_NET_F_MAC) | feature_bit(VIRTIO_NET_F_STATUS) | feature_bit(VIRTIO_NET_F_CTRL_VQ)
-# Data-path features: offered only where the back end has them.
-_DATA_FEATURES = COMMON_FEATURES | OFFLOAD_FEATURES | feature_bit(VIRTIO_NET_F_MRG_RXBUF)
 
 
 @dataclass
-class VhostUserStats:
+class VhostUserStats(VhostStats):
     connects: int = 0
     disconnects: int = 0
     protocol_errors: int = 0
     reconnect_attempts: int = 0
-    rings_started: int = 0
-    control_commands: int = 0
-    control_errors: int = 0
-    last_error: str = ""
 
 
-class VhostUserNet(VirtioDevice):
+class VhostUserNet(VhostNetDevice):
     """A virtio-net device whose rings a vhost-user back end serves."""
 
-    device_type = DeviceType.NET
+    backend_kind = "vhost-user"
+    stats: VhostUserStats
 
     def __init__(self, socket_path: str, mac: bytes, memory: GuestMemory, watcher: EventLoop, *, pairs: int = 1,
                  mtu: int | None = None, offloads: bool = True, name: str = "virtio-net0",
                  queue_size: int = QUEUE_SIZE, connect_timeout: float = 5.0) -> None:
-        if len(mac) != 6:
-            raise ValueError(f"a MAC address has 6 bytes, not {len(mac)}")
         if memory.private_file is not None:
             raise ConfigError(f"{name}: vhost-user needs guest memory the back end can share, but this VM's memory "
                               f"is mapped privately (copy on write) from {memory.private_file}, as after a restore "
                               "from a snapshot: its pages are not in the file the back end would map")
-        sizes = [queue_size] * (2 * pairs) + ([CONTROL_QUEUE_SIZE] if pairs > 1 else [])
-        super().__init__(sizes, name)
+        super().__init__(mac, memory, pairs=pairs, mtu=mtu, offloads=offloads, name=name, queue_size=queue_size)
         self.socket_path = socket_path
-        self.mac = bytes(mac)
-        self.memory = memory
         self.watcher = watcher
-        self.pairs = pairs
-        self.mtu = mtu
-        self.offloads = offloads
         self.stats = VhostUserStats()
-        self.active_pairs = 1
-        self.control_index: int | None = None
-        self.external_queues = frozenset(range(2 * pairs))   # the device manager leaves their eventfds alone
-        self.external_interrupt_status = 0
-        self._lock = threading.RLock()
         self._closed = False
         self._reconnect_pending = False
         self._conn: VhostUserConnection | None = None
-        self._started: set[int] = set()     # rings the back end serves now
-        self.backend_features = 0
         try:
             self._connect(connect_timeout)
         except VhostUserError as exc:
             raise ConfigError(f"{name}: {exc}") from None
 
-    # -- connection ------------------------------------------------------------------------------------
+    # -- the transport (VhostNetDevice) ----------------------------------------------------------------
     @property
     def link_up(self) -> bool:
         return self._conn is not None
 
+    def _backend_ready(self) -> bool:
+        return self._conn is not None
+
+    def _channels(self) -> Sequence[VhostChannel]:
+        assert self._conn is not None
+        return [self._conn]
+
+    def _channel(self, index: int) -> tuple[VhostChannel, int]:
+        assert self._conn is not None
+        return self._conn, index
+
+    def _extra_backend_features(self) -> int:
+        return self.backend_features & (1 << VHOST_USER_F_PROTOCOL_FEATURES)
+
+    def _rings_started(self) -> None:
+        assert self._conn is not None
+        self._enable_pairs(self._conn)
+
+    def _apply_active_pairs(self) -> None:
+        if self._conn is not None:
+            try:
+                self._enable_pairs(self._conn)
+            except VhostUserError as exc:
+                self._drop(str(exc), protocol=True)
+
+    def _start_failed(self, exc: VhostError) -> None:
+        self._drop(str(exc), protocol=True)
+
+    def _stop_failed(self, exc: VhostError) -> None:
+        self._drop(f"stopping the rings: {exc}", protocol=True)
+
+    def _refusal(self) -> str:
+        return f"its rings are served by the vhost-user back end {self.socket_path}"
+
+    # -- connection ------------------------------------------------------------------------------------
     def _connect(self, timeout: float) -> None:
         """Connect and do the per-connection part of the set-up (features, owner, queue count)."""
         conn = VhostUserConnection.connect(self.socket_path, timeout)
@@ -194,7 +178,7 @@ class VhostUserNet(VirtioDevice):
                 self._connect(0.0)
                 if self.active:
                     self._start_rings(reconnect=True)
-            except VhostUserError as exc:
+            except VhostError as exc:
                 if self.link_up:   # connected, then refused the set-up
                     self._drop(str(exc), protocol=True)
                     return
@@ -219,96 +203,12 @@ class VhostUserNet(VirtioDevice):
                 self._drop(f"vhost-user back end {self.socket_path} broke the protocol: it sent {what} without "
                            "being asked; disconnected", protocol=True)
 
-    # -- negotiation and configuration ---------------------------------------------------------------
-    def device_features(self) -> int:
-        own = feature_bit(VIRTIO_NET_F_MAC) | feature_bit(VIRTIO_NET_F_STATUS)
-        if self.mtu is not None:
-            own |= feature_bit(VIRTIO_NET_F_MTU)
-        if self.pairs > 1:
-            own |= feature_bit(VIRTIO_NET_F_CTRL_VQ) | feature_bit(VIRTIO_NET_F_MQ)
-        data = _DATA_FEATURES if self.offloads else _DATA_FEATURES & ~OFFLOAD_FEATURES
-        return own | (data & self.backend_features)
-
-    def specific_features(self) -> int:
-        return self.device_features() & ~COMMON_FEATURES
-
-    def accept_features(self, features: int) -> bool:
-        return features_consistent(features)
-
-    def config_space(self) -> bytes:
-        return net_config_space(self.mac, self.link_up, self.pairs, self.mtu)
-
-    # -- lifecycle -------------------------------------------------------------------------------------
-    def on_activate(self) -> None:
-        self.control_index = control_queue_index(self.features, self.pairs)
-        self.active_pairs = 1
-        with self._lock:
-            if self._conn is None:
-                return   # the link is down; the rings start when the back end is back
-            try:
-                self._start_rings(reconnect=False)
-            except VhostUserError as exc:
-                self._drop(str(exc), protocol=True)
-                raise ActivationError(f"the vhost-user back end refused the set-up: {exc}") from None
-
-    def _call_fd(self) -> int | None:
-        irq = getattr(self.host, "irq", None)
-        fd = getattr(irq, "fd", None)
-        return fd if isinstance(fd, int) and fd >= 0 else None
-
-    def _start_rings(self, *, reconnect: bool) -> None:
-        """Features, memory table and every live data ring to the back end (lock held, connected)."""
-        conn = self._conn
-        assert conn is not None
-        host = self.host
-        kicks: list[int] = list(getattr(host, "queue_eventfds", []))
-        if len(kicks) < 2 * self.pairs:
-            raise VhostUserError("vhost-user needs a transport with one notification eventfd per queue")
-        call = self._call_fd()
-        # what the back end has a part in (kvmlet keeps the MAC, the link status and the control queue)
-        features = self.features & self.backend_features & ~_KVMLET_ONLY
-        if self.backend_features & (1 << VHOST_USER_F_PROTOCOL_FEATURES):
-            features |= 1 << VHOST_USER_F_PROTOCOL_FEATURES
-        conn.set_features(features)
-        conn.set_mem_table([MemoryRegionSpec(r.gpa, r.size, r.host_address, r.fd, r.fd_offset)
-                            for r in self.memory.regions])
-        for index in range(2 * self.pairs):
-            queue = self.queues[index]
-            if not queue.ready:
-                continue
-            base = self.memory.read_u16(queue.device_addr + 2) if reconnect else 0   # used->idx
-            conn.set_vring_num(index, queue.size)
-            conn.set_vring_base(index, base)
-            conn.set_vring_addr(index, VringAddresses(self.memory.host_address(queue.desc_addr),
-                                                      self.memory.host_address(queue.device_addr),
-                                                      self.memory.host_address(queue.driver_addr)))
-            conn.set_vring_kick(index, kicks[index])
-            conn.set_vring_call(index, call)
-            self._started.add(index)
-            self.stats.rings_started += 1
-        self._enable_pairs(conn)
-        self.external_interrupt_status = int(InterruptReason.USED_BUFFER)
-
     def _enable_pairs(self, conn: VhostUserConnection) -> None:
         if not conn.protocol_features and not self.backend_features & (1 << VHOST_USER_F_PROTOCOL_FEATURES):
             return   # without protocol features rings start enabled
         for index in range(2 * self.pairs):
             if self.queues[index].ready:
                 conn.set_vring_enable(index, index // 2 < self.active_pairs)
-
-    def on_reset(self) -> None:
-        self.control_index = None
-        self.external_interrupt_status = 0
-        with self._lock:
-            conn = self._conn
-            if conn is None:
-                return
-            started, self._started = sorted(self._started), set()
-            try:
-                for index in started:
-                    conn.get_vring_base(index)     # stops the ring in the back end
-            except VhostUserError as exc:
-                self._drop(f"stopping the rings: {exc}", protocol=True)
 
     def close(self) -> None:
         with self._lock:
@@ -317,47 +217,3 @@ class VhostUserNet(VirtioDevice):
             if conn is not None:
                 self.watcher.unwatch_read(conn.fileno())
                 self.watcher.call_soon(conn.close)
-
-    # -- the control queue (kvmlet's) ------------------------------------------------------------------
-    def process_queue(self, index: int) -> None:
-        if index == self.control_index:
-            self.drain_queue(self.queues[index], self._control)
-
-    def _control(self, chain: DescriptorChain) -> bool:
-        assert self.control_index is not None
-        queue: Virtqueue = self.queues[self.control_index]
-        self.stats.control_commands += 1
-        ack = VIRTIO_NET_ERR
-        command = chain.readable.read(0, 4)
-        if len(command) >= 4 and command[0] == VIRTIO_NET_CTRL_MQ and \
-                command[1] == VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET and self.has_feature(VIRTIO_NET_F_MQ):
-            pairs = struct.unpack_from("<H", command, 2)[0]
-            if 1 <= pairs <= self.pairs:
-                self.active_pairs = pairs
-                ack = VIRTIO_NET_OK
-                with self._lock:
-                    if self._conn is not None:
-                        try:
-                            self._enable_pairs(self._conn)
-                        except VhostUserError as exc:
-                            self._drop(str(exc), protocol=True)
-        if ack != VIRTIO_NET_OK:
-            self.stats.control_errors += 1
-        if chain.writable.length:
-            chain.writable.write(bytes([ack]))
-            queue.complete(chain, 1)
-        else:
-            queue.push(chain.head, 0)
-        return True
-
-    # -- snapshots -------------------------------------------------------------------------------------
-    def save_state(self) -> VirtioDeviceState:
-        raise UnsupportedError(
-            f"device {self.name} cannot be saved: its rings are served by the vhost-user back end "
-            f"{self.socket_path}, which holds their positions and writes guest memory without dirty logging "
-            "(VHOST_F_LOG_ALL is not implemented); detach the interface or use a TAP interface to snapshot or "
-            "migrate this VM")
-
-    def restore_state(self, state: VirtioDeviceState) -> None:
-        raise UnsupportedError(f"device {self.name} cannot be restored (vhost-user interfaces have no saved state)")
-
