@@ -37,7 +37,7 @@ from kvmlet.devices.virtio.vhost_user_net import VhostUserNet
 from kvmlet.errors import ConfigError, UnsupportedError
 from kvmlet.memory import GuestMemory, MiB
 from kvmlet.net.tap import Offload, Tap
-from kvmlet.vhost import kernel
+from kvmlet.vhost import common, kernel
 from kvmlet.vhost.common import VRING_STATE, MemoryRegionSpec, VringAddresses
 from kvmlet.vhost.kernel import U64, VRING_FILE, VhostKernelError, VhostNetFd
 from tests.support.netlab import PeerNetwork, peer_network
@@ -136,7 +136,6 @@ def test_ioctl_numbers_are_the_headers(header: dict[str, str], name: str) -> Non
 
 
 def test_feature_bits_are_the_headers(header: dict[str, str]) -> None:
-    from kvmlet.vhost import common
 
     assert int(header["VHOST_F_LOG_ALL"]) == common.VHOST_F_LOG_ALL
     assert int(header["VHOST_NET_F_VIRTIO_NET_HDR"]) == common.VHOST_NET_F_VIRTIO_NET_HDR
