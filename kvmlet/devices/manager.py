@@ -372,14 +372,22 @@ class DeviceManager:
         self.events.resume()
 
     # -- snapshots ----------------------------------------------------------------------------------
+    def check_savable(self) -> None:
+        """UnsupportedError naming the first device that cannot be saved (no state model, or a device that says
+        why not: a vhost back end holds its rings); callable while the devices run, before any work starts."""
+        for managed in self.devices:
+            if not hasattr(managed.transport or managed.device, "save_state"):
+                raise UnsupportedError(f"device {managed.name} cannot be saved (it has no state model)")
+            refusal = getattr(managed.device, "save_refusal", None)
+            if refusal is not None:
+                raise UnsupportedError(refusal())
+
     def save_state(self) -> dict[str, DeviceState]:
         """Every device's state by name; the devices must be paused. UnsupportedError names a device that
         cannot be saved (before anything is saved)."""
         if not self._paused:
             raise StateError("the devices' state can be saved only while they are paused")
-        for managed in self.devices:
-            if not hasattr(managed.transport or managed.device, "save_state"):
-                raise UnsupportedError(f"device {managed.name} cannot be saved (it has no state model)")
+        self.check_savable()
         states: dict[str, DeviceState] = {}
         for managed in self.devices:
             states[managed.name] = (managed.transport or managed.device).save_state()

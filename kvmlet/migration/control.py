@@ -40,6 +40,8 @@ def send(vmm: Vmm, machine: Machine, params: MigrationSendParams) -> None:
         raise StateError("a migration is already in progress")
     if machine.exited or machine.state not in (VmState.RUNNING, VmState.PAUSED):
         raise StateError(f"cannot migrate a VM that is {vmm.state.value}")
+    if machine.devices is not None:
+        machine.devices.check_savable()   # a device that cannot move refuses now, before any page is sent
     source = MigrationSource(machine, params, address, vm_id=vmm.instance_id)
     vmm.migration = source
     source.start()

@@ -284,11 +284,14 @@ class VhostNetDevice(VirtioDevice):
         return True
 
     # -- snapshots -------------------------------------------------------------------------------------
+    def save_refusal(self) -> str:
+        """Why this device cannot be saved (asked before a snapshot or migration does any work)."""
+        return (f"device {self.name} cannot be saved: {self._refusal()}, which holds their positions and writes "
+                "guest memory without dirty logging (VHOST_F_LOG_ALL is not implemented); detach the interface or "
+                "use a TAP interface without vhost to snapshot or migrate this VM")
+
     def save_state(self) -> VirtioDeviceState:
-        raise UnsupportedError(
-            f"device {self.name} cannot be saved: {self._refusal()}, which holds their positions and writes guest "
-            "memory without dirty logging (VHOST_F_LOG_ALL is not implemented); detach the interface or use a TAP "
-            "interface without vhost to snapshot or migrate this VM")
+        raise UnsupportedError(self.save_refusal())
 
     def restore_state(self, state: VirtioDeviceState) -> None:
         raise UnsupportedError(f"device {self.name} cannot be restored ({self.backend_kind} interfaces have no "
