@@ -12,6 +12,12 @@ both VMMs attach to the same way: kvmlet ``--net tap=TAP``, QEMU (microvm, moder
 Figures per run: what the guest sent (frames the device took, over the guest's start-to-done window), what
 the receiver counted (over the window from the guest's start to the later of its done line and the last
 datagram), and the loss between the two. Needs root (TAP devices, namespaces) and ``ip`` (iproute2).
+
+A third contender, ``kvmlet-uso``, runs the same guest with ``kvmlet.net_uso=1``: with VIRTIO_NET_F_HOST_USO
+negotiated it sends the same datagrams 44 to a frame (64768 payload bytes, GSO type UDP_L4), so one frame
+crosses the virtio boundary and one ``writev`` enters the TAP where there were 44; the kernel segments
+them. QEMU 7.2 has no USO (``host_uso`` came with QEMU 8.2; ``-device virtio-net-device,help`` lists none),
+so its plain run stays the baseline of that row too.
 """
 
 from __future__ import annotations
@@ -184,8 +190,13 @@ class Tap:
         self.delete()
 
 
-def launches(ctx: Context, cmdline: str) -> list[Launch]:
-    """The contenders, with ``{tap}`` in place of the TAP's name (each run gets its own TAP)."""
+USO_SIDE = "kvmlet-uso"
+USO_OPTION = "kvmlet.net_uso=1"
+
+
+def launches(ctx: Context, cmdline: str, *, uso: bool = False) -> list[Launch]:
+    """The contenders, with ``{tap}`` in place of the TAP's name (each run gets its own TAP); with ``uso``,
+    kvmlet once more with the guest sending through UDP segmentation offload (last)."""
     out = [kvmlet_launch(ctx.guest, cmdline, GUEST_MEMORY_MIB, python_flags=ctx.python_flags,
                          extra_args=("--net", "tap={tap}"))]
     if ctx.qemu is not None:
@@ -193,6 +204,9 @@ def launches(ctx: Context, cmdline: str) -> list[Launch]:
                                extra_args=(*QEMU_VIRTIO_ARGS,
                                            "-netdev", "tap,id=n0,ifname={tap},script=no,downscript=no,vhost=off",
                                            "-device", "virtio-net-device,netdev=n0")))
+    if uso:
+        out.append(kvmlet_launch(ctx.guest, f"{cmdline} {USO_OPTION}", GUEST_MEMORY_MIB, side=USO_SIDE,
+                                 python_flags=ctx.python_flags, extra_args=("--net", "tap={tap}")))
     return out
 
 
@@ -211,6 +225,9 @@ def net_run(launch: Launch, bridge: str, receiver: Receiver, number: list[int]) 
             output = vmm.output()
             if b"TESTS DONE 1 0" not in output:
                 raise BenchError(f"{launch.side}: the network benchmark did not pass: {vmm.text()[-300:]!r}")
+            if launch.side == USO_SIDE and b"NET host_uso=1" not in output:
+                raise BenchError(f"{launch.side}: the device did not offer VIRTIO_NET_F_HOST_USO (a kernel "
+                                 "before 6.2 refuses TUN_F_USO4|USO6)")
             at = output.find(b"NET bench ", offset)
             guest = fields(output[at:output.find(b"\n", at)]) if at >= 0 else {}
         stats = receiver.settled()
@@ -234,14 +251,16 @@ def run(ctx: Context) -> BenchResult:
         cmdline = (f"console=ttyS0 kvmlet.test=virtio-net-bench kvmlet.net_ip={net.guest_ip} "
                    f"kvmlet.net_peer={net.peer_ip} kvmlet.net_port={net.udp_port} kvmlet.loops={frames} "
                    f"kvmlet.timeout=60")
-        contenders = launches(ctx, cmdline)
+        contenders = launches(ctx, cmdline, uso=True)
         counter = [0]
         runs = alternate(contenders, ctx.sizes.rounds, ctx.sizes.warmup,
                          lambda launch: net_run(launch, net.bridge, receiver, counter),
                          lambda n, order: ctx.log(f"net round {n} ({frames} frames): "
                                                   f"{', '.join(c.side for c in order)}"))
-    kvmlet_runs = runs[0]
-    qemu_runs = runs[1] if len(runs) > 1 else None
+    by_side = {c.side: side_runs for c, side_runs in zip(contenders, runs, strict=True)}
+    kvmlet_runs = by_side["kvmlet"]
+    qemu_runs = by_side.get("qemu")
+    uso_runs = by_side[USO_SIDE]
     target = Target(1.0, higher_is_better=True)
     rows: tuple[tuple[str, str, Any, Target | None], ...] = (
         ("UDP to the host, received (1472-byte payloads)", "frames/s",
@@ -259,6 +278,28 @@ def run(ctx: Context) -> BenchResult:
             row.note = (f"{frames} frames per run; TAP -> bridge -> veth -> receiver in a namespace; "
                         f"QEMU vhost=off (no /dev/vhost-net here)")
         result.rows.append(row)
+    uso_rows: tuple[tuple[str, str, Any], ...] = (
+        ("UDP to the host with USO (44 datagrams a virtio frame), received", "frames/s",
+         lambda r: r.received_frames / r.received_seconds),
+        ("  USO received payload throughput", "MB/s", lambda r: r.received_bytes / 1e6 / r.received_seconds),
+        ("  USO lost between the guest and the receiver", "%", lambda r: r.loss_percent))
+    for index, (metric, unit, pick) in enumerate(uso_rows):
+        subject = Series("kvmlet", [pick(r) for r in uso_runs])
+        baseline = Series("qemu", [pick(r) for r in qemu_runs]) if qemu_runs else None
+        row = paired_row(NAME, metric, unit, subject, baseline)
+        if unit == "%":
+            row.ratios = []
+        if index == 0:
+            row.note = ("kvmlet.net_uso=1: the guest sends 64768-byte UDP_L4 frames, the TAP's kernel segments "
+                        "them; QEMU 7.2 has no USO (host_uso is QEMU 8.2's), so QEMU is its plain run")
+        result.rows.append(row)
+    speedup = Series("kvmlet", [u.received_frames / u.received_seconds / (p.received_frames / p.received_seconds)
+                                for u, p in zip(uso_runs, kvmlet_runs, strict=True)])
+    result.rows.append(paired_row(NAME, "  kvmlet USO over kvmlet plain, datagrams received", "x", speedup, None))
+    uso_frames = Series("kvmlet", [float(r.guest.get("tx", "0")) for r in uso_runs])
+    row = paired_row(NAME, "  USO: frames across the virtio boundary per run", "frames", uso_frames, None)
+    row.note = f"plain: {frames}, one per datagram"
+    result.rows.append(row)
     result.details = {"cmdline": cmdline, "frames": frames, "argv": {c.side: c.argv for c in contenders},
                       "runs": {c.side: [{**vars(r), "sent": vars(r.sent)} for r in side_runs]
                                for c, side_runs in zip(contenders, runs, strict=True)}}

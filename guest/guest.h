@@ -180,6 +180,7 @@ const char *check_virtio_blk_seqbench(void);
 const char *check_virtio_rng(void);
 const char *check_virtio_net(void);
 const char *check_virtio_net_bench(void);
+const char *check_virtio_net_serve(void), *check_virtio_net_sink(void);
 const char *check_virtio_vsock(void);
 const char *check_attack_blk_charge(void), *check_attack_blk_reset(void), *check_attack_blk_storm(void), *check_attack_blk_usedlen(void); /* attack_blk.c */
 const char *check_attack_indirect_long(void), *check_attack_queue_flood(void); /* attack_queue.c */

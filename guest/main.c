@@ -24,6 +24,8 @@ static const struct check checks[] = {
     { "virtio-rng", check_virtio_rng },
     { "virtio-net", check_virtio_net },
     { "virtio-net-bench", check_virtio_net_bench },
+    { "virtio-net-serve", check_virtio_net_serve },
+    { "virtio-net-sink", check_virtio_net_sink },
     { "virtio-vsock", check_virtio_vsock },
     { "attack-blk-charge", check_attack_blk_charge }, { "attack-blk-reset", check_attack_blk_reset }, { "attack-blk-storm", check_attack_blk_storm }, { "attack-blk-usedlen", check_attack_blk_usedlen },
     { "attack-indirect-long", check_attack_indirect_long }, { "attack-queue-flood", check_attack_queue_flood },

@@ -8,8 +8,10 @@ A :class:`Tap` is one TAP interface opened through ``/dev/net/tun``:
 * ``TUNSETVNETHDRSZ`` 12: the virtio 1.x header (with ``num_buffers``), so frames move between the TAP and
   guest buffers without reshaping the header;
 * ``TUNSETOFFLOAD``: which offloads the reader (the guest) handles (``TUN_F_CSUM``, ``TUN_F_TSO4``,
-  ``TUN_F_TSO6``, ``TUN_F_TSO_ECN``): with them the kernel hands over unchecksummed and unsegmented (up to
-  64 KiB) frames, and protocol work is done once, by whoever ends up needing it;
+  ``TUN_F_TSO6``, ``TUN_F_TSO_ECN``, and since Linux 6.2 ``TUN_F_USO4``/``TUN_F_USO6``, which the kernel only
+  takes together and with ``TUN_F_CSUM``): with them the kernel hands over unchecksummed and unsegmented (up
+  to 64 KiB) frames, and protocol work is done once, by whoever ends up needing it. Unknown flags make it fail
+  (EINVAL), which is how :meth:`Tap.accepts_offload` probes what this kernel knows;
 * ``TUNSETQUEUE`` attaches and detaches queues, so frames are only steered to the queues the guest uses.
 
 The interface itself is configured with pyroute2 over rtnetlink (up, MTU, an address, a bridge to join).
@@ -77,6 +79,11 @@ class Offload(enum.IntFlag):
     TSO6 = 0x04
     TSO_ECN = 0x08
     UFO = 0x10
+    USO4 = 0x20      # UDP segmentation offload (Linux 6.2): only with USO6 and CSUM
+    USO6 = 0x40
+
+
+USO_OFFLOAD = Offload.CSUM | Offload.USO4 | Offload.USO6   # what the kernel needs set at once for USO
 
 
 _IFREQ = struct.Struct(f"{IFNAMSIZ}sH22x")  # struct ifreq: name, then ifr_flags in the union (40 bytes)
@@ -229,6 +236,23 @@ class Tap:
         except OSError as exc:
             raise TapError(f"TAP {self.name}: TUNSETOFFLOAD {offload!r}: {exc.strerror}") from None
         self.offload = offload
+
+    def accepts_offload(self, offload: Offload) -> bool:
+        """Whether this TAP (its kernel) takes ``offload`` in TUNSETOFFLOAD: tried, then the flags set before
+        are put back. False when the TAP has no open queue."""
+        if not self.fds:
+            return False
+        fd = self.fds[self.attached.index(True)] if any(self.attached) else self.fds[0]
+        try:
+            fcntl.ioctl(fd, TUNSETOFFLOAD, int(offload))
+        except OSError:
+            return False
+        try:
+            fcntl.ioctl(fd, TUNSETOFFLOAD, int(self.offload))
+        except OSError as exc:
+            raise TapError(f"TAP {self.name}: TUNSETOFFLOAD {self.offload!r} (restoring after a probe): "
+                           f"{exc.strerror}") from None
+        return True
 
     def set_queue_attached(self, queue: int, attached: bool) -> None:
         """Attach or detach queue ``queue`` (multi-queue TAPs only): detached queues receive nothing."""

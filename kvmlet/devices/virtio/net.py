@@ -17,7 +17,12 @@ guest memory) to the TAP. The header is checked against the negotiated offloads 
 Offloads (the I/OAT idea: protocol work done once, where it is cheapest): the device offers checksum and
 TSO in both directions; what the driver accepts for receive (GUEST_CSUM, GUEST_TSO4/6, GUEST_ECN) becomes
 the TAP's TUNSETOFFLOAD, so the kernel hands the guest only what it can take. Transmit offloads (CSUM,
-HOST_TSO4/6) need nothing from the TAP: it always accepts partial checksums and GSO frames.
+HOST_TSO4/6) need nothing from the TAP: it always accepts partial checksums and GSO frames. UDP segmentation
+(virtio 1.2 USO: HOST_USO, GUEST_USO4/6, GSO type UDP_L4) is offered only when the TAP's kernel takes
+TUN_F_USO4|TUN_F_USO6 (Linux 6.2, probed once per device; the same kernels accept UDP_L4 frames written to a
+TAP); the TAP receives large UDP frames for the guest only when it accepted both GUEST_USO4 and GUEST_USO6
+(the kernel sets the two together), and segments them itself otherwise. A segmentation type that was not
+negotiated is a bad frame in either direction.
 
 A TAP that disappears (``ip link del``) makes reads and writes fail: the device counts the error, reports
 link down in its configuration (VIRTIO_NET_F_STATUS) and drops what the guest sends; the VM runs on.
@@ -50,7 +55,7 @@ from kvmlet.devices.virtio.ratelimit import (
     save_rate_limiter,
 )
 from kvmlet.eventloop import EventLoop
-from kvmlet.net.tap import VNET_HDR_SIZE, Offload, Tap, TapError
+from kvmlet.net.tap import USO_OFFLOAD, VNET_HDR_SIZE, Offload, Tap, TapError
 
 # Feature bits (5.1.3).
 VIRTIO_NET_F_CSUM = 0
@@ -68,6 +73,9 @@ VIRTIO_NET_F_MRG_RXBUF = 15
 VIRTIO_NET_F_STATUS = 16
 VIRTIO_NET_F_CTRL_VQ = 17
 VIRTIO_NET_F_MQ = 22
+VIRTIO_NET_F_GUEST_USO4 = 54
+VIRTIO_NET_F_GUEST_USO6 = 55
+VIRTIO_NET_F_HOST_USO = 56
 
 VIRTIO_NET_S_LINK_UP = 1
 
@@ -80,6 +88,7 @@ VIRTIO_NET_HDR_GSO_NONE = 0
 VIRTIO_NET_HDR_GSO_TCPV4 = 1
 VIRTIO_NET_HDR_GSO_UDP = 3
 VIRTIO_NET_HDR_GSO_TCPV6 = 4
+VIRTIO_NET_HDR_GSO_UDP_L4 = 5           # USO (virtio 1.2): UDP datagrams of gso_size payload bytes each
 VIRTIO_NET_HDR_GSO_ECN = 0x80
 
 # Control queue (5.1.6.5).
@@ -103,6 +112,10 @@ OFFLOAD_FEATURES = (feature_bit(VIRTIO_NET_F_CSUM) | feature_bit(VIRTIO_NET_F_GU
                     | feature_bit(VIRTIO_NET_F_GUEST_TSO4) | feature_bit(VIRTIO_NET_F_GUEST_TSO6)
                     | feature_bit(VIRTIO_NET_F_GUEST_ECN) | feature_bit(VIRTIO_NET_F_HOST_TSO4)
                     | feature_bit(VIRTIO_NET_F_HOST_TSO6) | feature_bit(VIRTIO_NET_F_HOST_ECN))
+# Offered besides OFFLOAD_FEATURES when the TAP takes USO (VirtioNet.uso).
+USO_FEATURES = (feature_bit(VIRTIO_NET_F_GUEST_USO4) | feature_bit(VIRTIO_NET_F_GUEST_USO6)
+                | feature_bit(VIRTIO_NET_F_HOST_USO))
+_GUEST_USO = feature_bit(VIRTIO_NET_F_GUEST_USO4) | feature_bit(VIRTIO_NET_F_GUEST_USO6)
 
 # (feature, what it needs: one of these) from 5.1.3.1.
 _DEPENDENCIES = (
@@ -112,6 +125,9 @@ _DEPENDENCIES = (
     (VIRTIO_NET_F_HOST_TSO4, (VIRTIO_NET_F_CSUM,)),
     (VIRTIO_NET_F_HOST_TSO6, (VIRTIO_NET_F_CSUM,)),
     (VIRTIO_NET_F_HOST_ECN, (VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6)),
+    (VIRTIO_NET_F_GUEST_USO4, (VIRTIO_NET_F_GUEST_CSUM,)),
+    (VIRTIO_NET_F_GUEST_USO6, (VIRTIO_NET_F_GUEST_CSUM,)),
+    (VIRTIO_NET_F_HOST_USO, (VIRTIO_NET_F_CSUM,)),
     (VIRTIO_NET_F_MQ, (VIRTIO_NET_F_CTRL_VQ,)),
 )
 
@@ -139,12 +155,15 @@ def control_queue_index(features: int, pairs: int) -> int | None:
 
 
 def offload_for_features(features: int) -> Offload:
-    """The TUNSETOFFLOAD flags matching the receive offloads a driver accepted."""
+    """The TUNSETOFFLOAD flags matching the receive offloads a driver accepted. USO only with both GUEST_USO4
+    and GUEST_USO6 (and GUEST_CSUM): the kernel takes TUN_F_USO4 and TUN_F_USO6 only together."""
     offload = Offload.NONE
     for bit, flag in ((VIRTIO_NET_F_GUEST_CSUM, Offload.CSUM), (VIRTIO_NET_F_GUEST_TSO4, Offload.TSO4),
                       (VIRTIO_NET_F_GUEST_TSO6, Offload.TSO6), (VIRTIO_NET_F_GUEST_ECN, Offload.TSO_ECN)):
         if features & feature_bit(bit):
             offload |= flag
+    if features & _GUEST_USO == _GUEST_USO and offload & Offload.CSUM:
+        offload |= Offload.USO4 | Offload.USO6
     return offload
 
 
@@ -219,6 +238,7 @@ class VirtioNet(VirtioDevice):
         self.link_up = tap.exists()
         self.active_pairs = 1
         self.offload = Offload.NONE        # what TUNSETOFFLOAD last set
+        self.uso = offloads and tap.accepts_offload(USO_OFFLOAD)   # offer USO_FEATURES (probed once, here)
         self.control_index: int | None = None
         self._pair = [_Pair() for _ in range(self.pairs)]
 
@@ -228,6 +248,8 @@ class VirtioNet(VirtioDevice):
                     | feature_bit(VIRTIO_NET_F_MRG_RXBUF))
         if self.offloads:
             features |= OFFLOAD_FEATURES
+        if self.uso:
+            features |= USO_FEATURES
         if self.mtu is not None:
             features |= feature_bit(VIRTIO_NET_F_MTU)
         if self.pairs > 1:
@@ -268,7 +290,11 @@ class VirtioNet(VirtioDevice):
             self.tap.set_offload(offload)
             self.offload = offload
         except TapError as exc:
-            self._tap_error(exc, None)
+            if offload & (Offload.USO4 | Offload.USO6) and not self.tap.accepts_offload(USO_OFFLOAD):
+                # a TAP on a kernel without USO (a restore elsewhere): it segments for the guest instead
+                self._set_offload(offload & ~(Offload.USO4 | Offload.USO6))
+            else:
+                self._tap_error(exc, None)
 
     def _set_active_pairs(self, count: int) -> None:
         self.active_pairs = count
@@ -469,9 +495,11 @@ class VirtioNet(VirtioDevice):
         kind = gso_type & ~VIRTIO_NET_HDR_GSO_ECN
         allowed = {VIRTIO_NET_HDR_GSO_NONE: True,
                    VIRTIO_NET_HDR_GSO_TCPV4: self.has_feature(VIRTIO_NET_F_GUEST_TSO4),
-                   VIRTIO_NET_HDR_GSO_TCPV6: self.has_feature(VIRTIO_NET_F_GUEST_TSO6)}
-        if not allowed.get(kind, False) or (
-                gso_type & VIRTIO_NET_HDR_GSO_ECN and not self.has_feature(VIRTIO_NET_F_GUEST_ECN)):
+                   VIRTIO_NET_HDR_GSO_TCPV6: self.has_feature(VIRTIO_NET_F_GUEST_TSO6),
+                   # the TAP sends UDP_L4 only with TUN_F_USO4|USO6, set only when both were accepted
+                   VIRTIO_NET_HDR_GSO_UDP_L4: self.features & _GUEST_USO == _GUEST_USO}
+        if not allowed.get(kind, False) or (gso_type & VIRTIO_NET_HDR_GSO_ECN and (
+                kind == VIRTIO_NET_HDR_GSO_UDP_L4 or not self.has_feature(VIRTIO_NET_F_GUEST_ECN))):
             return None
         return NET_HDR.pack(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, buffers)
 
@@ -594,13 +622,15 @@ class VirtioNet(VirtioDevice):
             return NET_HDR.pack(flags, VIRTIO_NET_HDR_GSO_NONE, hdr_len, gso_size, csum_start, csum_offset, 0)
         allowed = {VIRTIO_NET_HDR_GSO_NONE: True,
                    VIRTIO_NET_HDR_GSO_TCPV4: self.has_feature(VIRTIO_NET_F_HOST_TSO4),
-                   VIRTIO_NET_HDR_GSO_TCPV6: self.has_feature(VIRTIO_NET_F_HOST_TSO6)}
+                   VIRTIO_NET_HDR_GSO_TCPV6: self.has_feature(VIRTIO_NET_F_HOST_TSO6),
+                   VIRTIO_NET_HDR_GSO_UDP_L4: self.has_feature(VIRTIO_NET_F_HOST_USO)}
         if not allowed.get(kind, False):
             return None
         if kind == VIRTIO_NET_HDR_GSO_NONE:
             gso_type = VIRTIO_NET_HDR_GSO_NONE
-        elif gso_type & VIRTIO_NET_HDR_GSO_ECN and not self.has_feature(VIRTIO_NET_F_HOST_ECN):
-            return None
+        elif gso_type & VIRTIO_NET_HDR_GSO_ECN and (kind == VIRTIO_NET_HDR_GSO_UDP_L4
+                                                    or not self.has_feature(VIRTIO_NET_F_HOST_ECN)):
+            return None   # ECN is TCP's; a UDP_L4 frame with it is malformed
         return NET_HDR.pack(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, 0)
 
     # -- control queue ---------------------------------------------------------------------------------
@@ -650,6 +680,9 @@ class VirtioNet(VirtioDevice):
                                    f"queue pairs; this TAP has {self.pairs}")
         check_rate_limiter(self.rx_rate_limiter, saved.rx_rate_limiter, f"{self.name} rx")
         check_rate_limiter(self.tx_rate_limiter, saved.tx_rate_limiter, f"{self.name} tx")
+        if saved.offloads & (Offload.USO4 | Offload.USO6) and not self.uso:
+            raise DeviceStateError(f"{self.name}: the guest uses UDP segmentation offload (USO), which TAP "
+                                   f"{self.tap.name} does not support here (Linux 6.2 or later has it)")
 
     def restore_state(self, state: VirtioDeviceState) -> None:
         """The guest keeps its MAC; the negotiated offloads go to the new TAP; the receive chains held at the
@@ -661,6 +694,9 @@ class VirtioNet(VirtioDevice):
         restore_rate_limiter(self.tx_rate_limiter, state.tx_rate_limiter, f"{self.name} tx")
         if not self.active:
             return
+        if self.has_feature(VIRTIO_NET_F_HOST_USO) and not self.uso:
+            raise DeviceStateError(f"{self.name}: the guest negotiated HOST_USO (it sends UDP_L4 frames), which "
+                                   f"TAP {self.tap.name} does not take here (Linux 6.2 or later has it)")
         self._set_offload(Offload(state.offloads))
         self._set_active_pairs(state.active_pairs)
         for index, saved in enumerate(state.rx):
