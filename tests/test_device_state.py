@@ -408,6 +408,25 @@ def test_a_drive_of_another_size_or_mode_is_refused(memory: GuestMemory, tmp_pat
             blk.close()
 
 
+def test_features_the_device_no_longer_offers_are_refused_after_features_ok(memory: GuestMemory,
+                                                                          tmp_path: Path) -> None:
+    a = _blk(memory, _image(tmp_path / "a.img"))
+    b = _blk(memory, _image(tmp_path / "b.img"), start=False)
+    try:
+        saved = a.transport.save_state()
+        unoffered = 1 << 50   # a feature bit no kvmlet device offers
+        with pytest.raises(DeviceStateError) as refused:
+            b.transport.restore_state(msgspec.structs.replace(saved, driver_features=saved.driver_features | unoffered))
+        assert _one_line(refused) == ("drive:disk0: the driver had accepted feature bits 50, which this device does "
+                                      "not offer here (a host or back end without them)")
+        assert b.driver.status == 0
+        # before FEATURES_OK a driver may have written anything (the device refuses it then): not a refusal
+        b.transport.restore_state(msgspec.structs.replace(saved, status=0, driver_features=unoffered))
+    finally:
+        a.close()
+        b.close()
+
+
 # -- the device manager -----------------------------------------------------------------------------------
 class FakeVm:
     """What the device manager asks of a VM, without KVM."""

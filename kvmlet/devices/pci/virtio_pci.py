@@ -423,7 +423,8 @@ class PciTransport(VirtioTransport):
 
     def check_state(self, state: object) -> PciTransportState:
         saved = expect_state(state, PciTransportState, self.device.name)
-        self._check_common_state(saved.device_type, saved.queues, saved.device)
+        self._check_common_state(saved.device_type, saved.queues, saved.device, saved.status,
+                                 saved.driver_features)
         if len(saved.queue_vectors) != len(self.queues):
             from kvmlet.devices.state import DeviceStateError
 

@@ -213,7 +213,8 @@ class MmioTransport(VirtioTransport):
     def check_state(self, state: object) -> MmioTransportState:
         """``state`` if it fits this transport and device, else DeviceStateError (nothing is changed)."""
         saved = expect_state(state, MmioTransportState, self.device.name)
-        self._check_common_state(saved.device_type, saved.queues, saved.device)
+        self._check_common_state(saved.device_type, saved.queues, saved.device, saved.status,
+                                 saved.driver_features)
         return saved
 
     def restore_state(self, state: object) -> None:

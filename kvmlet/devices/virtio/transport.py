@@ -460,7 +460,8 @@ class VirtioTransport:
             self._deliver_held_interrupt()
 
     # -- snapshots: the part every transport saves ----------------------------------------------------
-    def _check_common_state(self, device_type: int, queues: list[QueueState], device: VirtioDeviceState) -> None:
+    def _check_common_state(self, device_type: int, queues: list[QueueState], device: VirtioDeviceState,
+                            status: int, driver_features: int) -> None:
         name = self.device.name
         if device_type != int(self.device.device_type):
             raise DeviceStateError(f"{name}: the saved state is of virtio device type {device_type}; this "
@@ -474,6 +475,11 @@ class VirtioTransport:
                 raise DeviceStateError(f"{name}: queue {queue.index} was {saved_queue.size} entries; this device "
                                        f"allows at most {queue.max_size}")
         self.device.check_state(device)
+        missing = driver_features & ~self.offered_features()
+        if status & DeviceStatus.FEATURES_OK and missing:   # before FEATURES_OK a driver may write anything
+            bits = ", ".join(str(bit) for bit in range(64) if missing >> bit & 1)
+            raise DeviceStateError(f"{name}: the driver had accepted feature bits {bits}, which this device does "
+                                   "not offer here (a host or back end without them)")
 
     def _restore_queues(self, queues: list[QueueState]) -> None:
         """Reset, then load the saved queues (call with the lock held)."""
