@@ -154,6 +154,15 @@ def control_queue_index(features: int, pairs: int) -> int | None:
     return 2 * pairs if features & feature_bit(VIRTIO_NET_F_MQ) else 2
 
 
+def answer_control(queue: Virtqueue, chain: DescriptorChain, ack: int) -> None:
+    """Complete a control-queue command with its one-byte ack (returned unanswered if the driver left no room)."""
+    if chain.writable.length:
+        chain.writable.write(bytes([ack]))
+        queue.complete(chain, 1)
+    else:
+        queue.push(chain.head, 0)
+
+
 def offload_for_features(features: int) -> Offload:
     """The TUNSETOFFLOAD flags matching the receive offloads a driver accepted. USO only with both GUEST_USO4
     and GUEST_USO6 (and GUEST_CSUM): the kernel takes TUN_F_USO4 and TUN_F_USO6 only together."""
@@ -649,11 +658,7 @@ class VirtioNet(VirtioDevice):
         if ack != VIRTIO_NET_OK:
             self.stats.control_errors += 1
             self.stats.last_error = f"control command {command[:2].hex() or '(none)'} refused"
-        if chain.writable.length:
-            chain.writable.write(bytes([ack]))
-            queue.complete(chain, 1)
-        else:
-            queue.push(chain.head, 0)
+        answer_control(queue, chain, ack)
         return True
 
     # -- snapshots -------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from kvmlet.devices.virtio.net import (
     VIRTIO_NET_F_MTU,
     VIRTIO_NET_F_STATUS,
     VIRTIO_NET_OK,
+    answer_control,
     control_queue_index,
     features_consistent,
     net_config_space,
@@ -276,11 +277,7 @@ class VhostNetDevice(VirtioDevice):
                     self._apply_active_pairs()
         if ack != VIRTIO_NET_OK:
             self.stats.control_errors += 1
-        if chain.writable.length:
-            chain.writable.write(bytes([ack]))
-            queue.complete(chain, 1)
-        else:
-            queue.push(chain.head, 0)
+        answer_control(queue, chain, ack)
         return True
 
     # -- snapshots -------------------------------------------------------------------------------------
