@@ -11,6 +11,10 @@ DEBIAN_PACKAGES=(build-essential make gcc binutils linux-libc-dev qemu-system-x8
     swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config python3-dev  # the vTPM (kvmlet.tpm): tpm2-pytss builds against libtss2
     acpica-tools)  # iasl: tests/test_pci_vm.py disassembles the ACPI tables kvmlet writes
 DEBIAN_PACKAGES+=(dpdk dpdk-dev)  # the vhost-user back end the tests and `kvmlet net switch` run: dpdk-testpmd
+# Open vSwitch with DPDK: `kvmlet net switch`'s default engine (per-port MAC, VLAN, rate, trust) and tests/test_ovs_switch.py.
+# kvmlet starts its own private ovsdb-server and /usr/lib/openvswitch-switch-dpdk/ovs-vswitchd-dpdk as child processes; it
+# never uses the system's openvswitch-switch service (nor update-alternatives), which does not start in CI's container.
+DEBIAN_PACKAGES+=(openvswitch-switch-dpdk)
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

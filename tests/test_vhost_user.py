@@ -301,7 +301,8 @@ def test_kvmlet_net_switch_runs_until_sigterm_and_cleans_up(tmp_path: Path) -> N
     import sys
 
     sock = tmp_path / "vm0.sock"
-    process = subprocess.Popen([sys.executable, "-m", "kvmlet", "net", "switch", "--port", f"vm0={sock},queues=2"],
+    process = subprocess.Popen([sys.executable, "-m", "kvmlet", "net", "switch", "--engine", "testpmd",
+                                "--port", f"vm0={sock},queues=2"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert process.stdout is not None

@@ -5,6 +5,10 @@ per VM interface, each with its queue pairs (the VMDq pool of that VM), and opti
 on the host (DPDK's ``net_tap``) that can join a bridge. Frames are forwarded port to port in DPDK's ``io`` mode
 (port 0 with port 1, 2 with 3, ...) or dropped on receipt (``rxonly``, to measure what a guest can send).
 
+It is the fallback engine of ``kvmlet net switch``: where Open vSwitch with DPDK is installed, kvmlet/net/ovs.py is
+the default, a learning switch with per-port controls (MAC anti-spoofing, VLAN, rate, trust) that testpmd has not;
+a testpmd port with controls is refused naming why. :class:`VhostPort` (kvmlet/net/ports.py) is either engine's port.
+
 Costs, and why the switch is never left running: DPDK's forwarding core polls all the time, a whole CPU even when
 idle (half of a 2-CPU host). So it runs without huge pages (``--no-huge``: as fast here), with one forwarding
 core, and :meth:`TestpmdSwitch.stop` (also on ``with`` exit, on every path) ends it and removes its sockets.
@@ -25,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvmlet.errors import KvmletError
+from kvmlet.net.ports import VhostPort as VhostPort  # re-exported: the port of either engine
 
 TESTPMD = "dpdk-testpmd"
 START_TIMEOUT = 20.0
@@ -38,15 +43,6 @@ class SwitchError(KvmletError):
 def testpmd_path() -> str | None:
     """The testpmd binary (Debian package ``dpdk-dev``), or None."""
     return shutil.which(TESTPMD)
-
-
-@dataclass(frozen=True)
-class VhostPort:
-    """A vhost-user port: the socket a VM's interface connects to, and its queue pairs."""
-
-    name: str
-    socket: str
-    queues: int = 1
 
 
 @dataclass
@@ -65,6 +61,10 @@ class TestpmdSwitch:
     prefix: str = field(default_factory=lambda: f"kvmlet-{os.getpid()}-{secrets.token_hex(3)}", init=False)
 
     def command(self) -> list[str]:
+        controlled = [port.name for port in self.ports if port.policy.controlled]
+        if controlled:
+            raise SwitchError(f"port {controlled[0]}: per-port controls (mac, vlan, rate, trust) need the ovs engine: "
+                              f"{TESTPMD} forwards port to port and has no anti-spoofing, VLAN tagging or policing")
         binary = testpmd_path()
         if binary is None:
             raise SwitchError(f"{TESTPMD} is not installed (Debian package dpdk-dev)")
