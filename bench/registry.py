@@ -5,7 +5,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bench import api, cold_start, compute, density, exits, memory, tpm, virtio_blk, virtio_net, vm_create, vtd
+from bench import (
+    api,
+    cold_start,
+    compute,
+    density,
+    exits,
+    memory,
+    tpm,
+    vhost_user,
+    virtio_blk,
+    virtio_net,
+    vm_create,
+    vtd,
+)
 from bench.context import Context
 from bench.model import BenchResult
 
@@ -23,5 +36,6 @@ def _summary(doc: str | None) -> str:
 
 BENCHMARKS: dict[str, Benchmark] = {
     module.NAME: Benchmark(module.NAME, _summary(module.__doc__), module.run)
-    for module in (cold_start, vm_create, api, exits, memory, density, compute, virtio_blk, virtio_net, tpm, vtd)
+    for module in (cold_start, vm_create, api, exits, memory, density, compute, virtio_blk, virtio_net, vhost_user,
+                   tpm, vtd)
 }

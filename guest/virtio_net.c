@@ -46,7 +46,8 @@
 
 #define HDR_LEN   12
 #define BUF_SIZE  2048
-#define RX_BUFS   32 /* per receive queue */
+#define RX_BUFS   32 /* per receive queue with several pairs; one pair gets RX_BUFS_ONE_PAIR */
+#define RX_BUFS_ONE_PAIR 128 /* a whole queue (VQ_MAX_SIZE): fewer drops where the device cannot wait */
 #define MAX_PAIRS 4
 #define ETH_HLEN  14
 #define IP_HLEN   20
@@ -82,7 +83,7 @@ struct ctrl_cmd {
 
 static struct {
     struct virtio_dev *d;
-    unsigned pairs;
+    unsigned pairs, rx_bufs;
     struct virtq *rx[MAX_PAIRS], *tx[MAX_PAIRS];
     uint8_t *rxbuf[MAX_PAIRS];
     uint8_t *txbuf; /* one frame being built (functional check) or the bench frame */
@@ -282,11 +283,12 @@ static const char *net_open(bool want_uso)
             goto failed;
         }
     }
+    net.rx_bufs = net.pairs == 1 ? RX_BUFS_ONE_PAIR : RX_BUFS;
     for (unsigned i = 0; i < net.pairs; i++) {
         if ((why = virtio_setup_queue(d, 2 * i, false, &net.rx[i])) ||
             (why = virtio_setup_queue(d, 2 * i + 1, false, &net.tx[i])))
             goto failed;
-        if (!(net.rxbuf[i] = dma_alloc((size_t)RX_BUFS * BUF_SIZE, 4096))) {
+        if (!(net.rxbuf[i] = dma_alloc((size_t)net.rx_bufs * BUF_SIZE, 4096))) {
             why = "out of memory";
             goto failed;
         }
@@ -299,7 +301,7 @@ static const char *net_open(bool want_uso)
     }
     /* Receive buffers before DRIVER_OK (5.1.5), on every queue that will be used. */
     for (unsigned q = 0; q < net.pairs; q++) {
-        for (unsigned i = 0; i < RX_BUFS && i < net.rx[q]->size; i++)
+        for (unsigned i = 0; i < net.rx_bufs && i < net.rx[q]->size; i++)
             rx_post(q, i);
     }
     virtio_driver_ok(d);
