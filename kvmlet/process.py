@@ -18,3 +18,22 @@ def raise_open_file_limit() -> int:
         except (ValueError, OSError):
             return soft
     return soft
+
+
+def _load_prctl() -> object:
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True).prctl
+
+
+_PRCTL = _load_prctl()   # looked up before any fork: a forked child only calls it
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` for a helper daemon (a switch, a back end): SIGTERM it when the thread that started it ends,
+    so a VMM killed by SIGKILL or SIGHUP leaves no polling process behind. Start such daemons from a thread that
+    lives as long as they should (the main thread)."""
+    import signal
+
+    _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)  # type: ignore[operator]

@@ -97,6 +97,26 @@ def test_testpmd_refuses_per_port_controls_naming_why() -> None:
     assert not switch.running()
 
 
+def test_names_that_would_reach_host_wide_settings_are_refused() -> None:
+    for name in ("all", "default", "lo", "ovs-netdev", "a" * 16, "bad/name"):
+        with pytest.raises(ConfigError, match="a host interface name"):
+            OvsSwitch(name=name)
+        with pytest.raises(ConfigError, match="uplink TAP"):
+            OvsSwitch(name="kvok", uplink_tap=name)
+
+
+def test_a_switch_directory_that_cannot_be_made_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from kvmlet.cli import main
+
+    if ovs.ovs_problem() is not None:
+        pytest.skip(ovs.ovs_problem() or "")
+    assert main(["net", "switch", "--engine", "ovs", "--name", _name(), "--dir", "/proc/kvmlet-switch",
+                 "--port", "vm0=/tmp/x.sock"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("kvmlet net: cannot create the switch's directory /proc/kvmlet-switch"), err
+    assert err.count("\n") == 1
+
+
 def test_kvmlet_net_switch_refusals(capsys: pytest.CaptureFixture[str]) -> None:
     from kvmlet.cli import main
 
@@ -169,6 +189,21 @@ def _gone(pid: int) -> bool:
     except OSError:
         return True
     return state == "Z"
+
+
+@needs_ovs
+def test_an_existing_interface_as_uplink_or_bridge_name_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    existing = f"kvx{secrets.token_hex(3)}"
+    subprocess.run(["ip", "tuntap", "add", "dev", existing, "mode", "tap"], check=True)
+    try:
+        for switch in (OvsSwitch(name=_name(), directory=tmp_path / "a", uplink_tap=existing),
+                       OvsSwitch(name=existing, directory=tmp_path / "b")):
+            with pytest.raises(SwitchError, match=f"{existing}.*exists") as refused:
+                switch.start()
+            assert "\n" not in str(refused.value) and switch.ovsdb is None and not switch.path.exists()
+        assert Path(f"/sys/class/net/{existing}").exists()   # the user's interface is left alone
+    finally:
+        subprocess.run(["ip", "link", "del", existing], check=False)
 
 
 @needs_ovs
@@ -247,14 +282,17 @@ def test_kvmlet_net_switch_and_port_commands(tmp_path: Path) -> None:
     kvmlet = [sys.executable, "-m", "kvmlet", "net"]
     process = subprocess.Popen([*kvmlet, "switch", "--engine", "ovs", "--name", name, "--dir", str(directory),
                                 "--port", f"vm0={sock},queues=2,vlan=5", "--uplink", "internal=10.200.9.1/24"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         assert process.stdout is not None
-        lines = []
-        for line in process.stdout:
-            lines.append(line)
-            if line.startswith("switch running"):
-                break
+        output = b""   # read from the descriptor (no buffer to hide lines from select), until it runs or 60 s
+        deadline = time.monotonic() + 60
+        while b"\nswitch running" not in b"\n" + output:
+            ready, _, _ = select.select([process.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            chunk = os.read(process.stdout.fileno(), 65536) if ready else b""
+            assert chunk, f"kvmlet net switch did not report running within 60 s: {output.decode()}"
+            output += chunk
+        lines = output.decode().splitlines(keepends=True)
         assert sock.is_socket(), lines
         assert f"kvmlet run --net vhost-user={sock},queues=2" in "".join(lines)
         at = ["--dir", str(directory)]
@@ -519,8 +557,10 @@ def _echo(host: socket.socket, payload: bytes, attempts: int = 10) -> bool:
 def test_no_switch_of_this_module_is_left_running() -> None:
     running = [switch.pids() for switch in STARTED if switch.running()]
     assert running == [], running
-    mine = subprocess.run(["pgrep", "-af", "ovs-vswitchd-dpdk unix:/tmp/pytest"], capture_output=True, text=True)
-    assert mine.stdout.strip() == "", mine.stdout
+    alive = [pid for switch in STARTED for pid in switch.started_pids if Path(f"/proc/{pid}").exists()
+             and b"<defunct>" not in Path(f"/proc/{pid}/stat").read_bytes()
+             and Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert alive == [], alive   # every daemon this module's switches ever started has ended
 
 
 def test_ovs_control_paths() -> None:

@@ -43,13 +43,28 @@ from kvmlet.devices.virtio.net import (
 )
 from kvmlet.eventloop import EventLoopThread
 from kvmlet.memory import GuestMemory
-from kvmlet.net.tap import Offload
+from kvmlet.net.tap import USO_OFFLOAD, Offload, Tap
 from tests.support.netlab import ETH_P_ALL, PeerNetwork, packet_socket, peer_network, receive_matching
 from tests.support.netrig import GUEST_MAC, HOST_MAC, MEMORY_SIZE, NetRig, bits, make_rig, plain_header
 from tests.support.vmrun import run_vm
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/net/tun"),
                                 reason="TAP devices and network namespaces need root")
+
+
+def _kernel_takes_uso() -> bool:
+    """Whether this kernel's TAP takes USO (Linux 6.2 and later)."""
+    if os.geteuid() != 0 or not os.path.exists("/dev/net/tun"):
+        return False
+    tap = Tap.open("auto", 1)
+    try:
+        return tap.accepts_offload(USO_OFFLOAD)
+    finally:
+        tap.close()
+
+
+needs_uso = pytest.mark.skipif(not _kernel_takes_uso(),
+                               reason="this kernel's TAP does not take USO (TUN_F_USO4/6: Linux 6.2 and later)")
 
 BASE = bits(VIRTIO_F_VERSION_1, VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS)
 SEGMENT = 1472
@@ -109,6 +124,7 @@ def _ethtool_features(ifname: str) -> dict[str, bool]:
 
 
 # -- unit: negotiation and the header checks -------------------------------------------------------------
+@needs_uso
 def test_uso_is_offered_when_the_tap_takes_it(memory: GuestMemory, events: EventLoopThread) -> None:
     rig = make_rig(memory, events, features=BASE)
     try:
@@ -124,6 +140,7 @@ def test_uso_is_offered_when_the_tap_takes_it(memory: GuestMemory, events: Event
         rig.close()
 
 
+@needs_uso
 @pytest.mark.parametrize("bad", [
     bits(VIRTIO_NET_F_HOST_USO),                                # needs CSUM
     bits(VIRTIO_NET_F_GUEST_USO4),                              # needs GUEST_CSUM
@@ -150,6 +167,7 @@ def test_udp_l4_frame_without_host_uso_is_refused(memory: GuestMemory, events: E
         rig.close()
 
 
+@needs_uso
 def test_udp_l4_frame_with_host_uso_enters_the_host_whole(memory: GuestMemory, events: EventLoopThread) -> None:
     rig = make_rig(memory, events, features=BASE | bits(VIRTIO_NET_F_CSUM, VIRTIO_NET_F_HOST_USO))
     try:
@@ -168,6 +186,7 @@ def test_udp_l4_frame_with_host_uso_enters_the_host_whole(memory: GuestMemory, e
         rig.close()
 
 
+@needs_uso
 @pytest.mark.parametrize(("accepted", "uso_on_tap"), [
     (bits(VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_USO4, VIRTIO_NET_F_GUEST_USO6), True),
     (bits(VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_USO4), False),    # the kernel sets USO4 and USO6 together
@@ -186,6 +205,7 @@ def test_receive_uso_reaches_the_tap_only_with_both_guest_uso(memory: GuestMemor
         rig.close()
 
 
+@needs_uso
 def test_a_saved_guest_using_uso_is_refused_by_a_tap_without_it(memory: GuestMemory,
                                                                  events: EventLoopThread) -> None:
     rig = make_rig(memory, events, features=BASE | bits(VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_USO4,
@@ -227,6 +247,7 @@ def _received_frames(rig: NetRig, used: list[tuple[int, int]]) -> list[tuple[int
     return frames
 
 
+@needs_uso
 @pytest.mark.parametrize("guest_uso", [True, False])
 def test_host_uso_datagrams_reach_the_guest_whole_only_with_guest_uso(memory: GuestMemory, events: EventLoopThread,
                                                                       guest_uso: bool) -> None:
@@ -309,6 +330,7 @@ def _udp_checksum_ok(frame: bytes) -> bool:
     return struct.unpack("!H", udp[6:8])[0] != 0 and _fold(_sum(pseudo) + _sum(udp)) == 0xFFFF
 
 
+@needs_uso
 def test_guest_sends_with_uso_and_the_host_receives_every_datagram(guest_elf: Path) -> None:
     full_frames, rest = 20, 7
     loops = full_frames * SEGMENTS_PER_FRAME + rest          # the last frame carries 7 datagrams

@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 import time
+from typing import Any
 
 from kvmlet.errors import ConfigError
 from kvmlet.net.ports import VhostPort, parse_changes
@@ -44,7 +45,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     _switch_location(switch)
     switch.add_argument("--uplink", metavar="internal[=IP/PREFIX]",
                         help="ovs: bring the bridge's internal port (host interface NAME) up, with this address")
-    switch.add_argument("--uplink-tap", metavar="NAME", help="a host TAP interface as a port (new or existing)")
+    switch.add_argument("--uplink-tap", metavar="NAME",
+                        help="a new host TAP interface as a port, removed when the switch stops")
     switch.add_argument("--poll", choices=("auto", "busy", "sleep"), default="auto",
                         help="ovs: busy polls a whole CPU; sleep lets the poller sleep when idle (pmd-maxsleep); "
                              "auto: busy only with 4 or more CPUs")
@@ -91,6 +93,9 @@ def main(args: argparse.Namespace) -> int:
     except (ConfigError, SwitchError) as exc:
         print(f"kvmlet net: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
+    except OSError as exc:   # a directory or socket path that cannot be made, a missing command
+        print(f"kvmlet net: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 1
 
 
 def switch_main(args: argparse.Namespace) -> int:
@@ -107,6 +112,19 @@ def _refuse(engine: str, args: argparse.Namespace, options: dict[str, str]) -> N
             raise ConfigError(f"{option} does not apply to the {engine} engine: {why}")
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)   # and SIGINT, as KeyboardInterrupt
+
+
+def _stop_on_signals(stop: threading.Event) -> dict[signal.Signals, Any]:
+    """Make SIGTERM and SIGHUP (a closed terminal) set ``stop``, so the switch is stopped on those too."""
+    return {sig: signal.signal(sig, lambda *_: stop.set()) for sig in STOP_SIGNALS}
+
+
+def _restore_signals(previous: dict[signal.Signals, Any]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
 def run_testpmd(args: argparse.Namespace, ports: list[VhostPort]) -> int:
     _refuse("testpmd", args, {"--uplink": "the internal port is Open vSwitch's; use --uplink-tap",
                               "--dir": "testpmd keeps no directory"})
@@ -117,7 +135,7 @@ def run_testpmd(args: argparse.Namespace, ports: list[VhostPort]) -> int:
     mode = args.mode or "io"
     switch = TestpmdSwitch(ports, uplink_tap=args.uplink_tap, forward_mode=mode, cores=args.cores)
     stop = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    previous = _stop_on_signals(stop)
     try:
         switch.start()
         for port in ports:
@@ -131,7 +149,7 @@ def run_testpmd(args: argparse.Namespace, ports: list[VhostPort]) -> int:
         pass
     finally:
         switch.stop()
-        signal.signal(signal.SIGTERM, previous)
+        _restore_signals(previous)
     return 0
 
 
@@ -148,7 +166,7 @@ def run_ovs(args: argparse.Namespace, ports: list[VhostPort]) -> int:
     switch = OvsSwitch(ports, name=args.name, directory=args.dir, uplink_internal=internal, uplink_address=address,
                        uplink_tap=args.uplink_tap, poll=args.poll)
     stop = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    previous = _stop_on_signals(stop)
     try:
         switch.start()
         for port in ports:
@@ -177,7 +195,7 @@ def run_ovs(args: argparse.Namespace, ports: list[VhostPort]) -> int:
         pass
     finally:
         switch.stop()
-        signal.signal(signal.SIGTERM, previous)
+        _restore_signals(previous)
     return 0
 
 

@@ -45,6 +45,7 @@ from typing import IO, Any
 from kvmlet.errors import ConfigError
 from kvmlet.net.ports import PortPolicy, VhostPort, bridge_flows, check_port_name
 from kvmlet.net.switch import SwitchError
+from kvmlet.process import die_with_parent
 
 VSWITCHD_DPDK = "/usr/lib/openvswitch-switch-dpdk/ovs-vswitchd-dpdk"
 SCHEMA = "/usr/share/openvswitch/vswitch.ovsschema"
@@ -69,6 +70,17 @@ def ovs_problem() -> str | None:
     return None
 
 
+def vswitchd_processes() -> list[str]:
+    """Every ovs-vswitchd running here, as "pid N: command"."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            argv = cmdline.read_bytes().split(b"\0")
+            if b"ovs-vswitchd" in argv[0]:
+                found.append(f"pid {cmdline.parent.name}: {b' '.join(argv[:2]).decode(errors='replace')}")
+    return found
+
+
 def datapath_in_use() -> str | None:
     """Which Open vSwitch holds this network namespace's user-space datapath, or None.
 
@@ -76,13 +88,28 @@ def datapath_in_use() -> str | None:
     datapath per network namespace; a second one cannot create its bridges ("failed to open datapath")."""
     if not Path(f"/sys/class/net/{NETDEV_DATAPATH}").exists():
         return None
-    owners = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        with contextlib.suppress(OSError):
-            argv = cmdline.read_bytes().split(b"\0")
-            if b"ovs-vswitchd" in argv[0]:
-                owners.append(f"pid {cmdline.parent.name}: {b' '.join(argv[:2]).decode(errors='replace')}")
-    return "; ".join(owners) or f"a process holding the {NETDEV_DATAPATH} TAP"
+    owners = vswitchd_processes()
+    if owners:
+        return "; ".join(owners)
+    # no ovs-vswitchd: a TAP an unclean exit left behind (OVS makes its TAPs persistent)
+    subprocess.run(["ip", "link", "del", NETDEV_DATAPATH], capture_output=True, check=False)
+    return None
+
+
+RESERVED_NAMES = ("all", "default", "lo", NETDEV_DATAPATH)   # sysctl keywords and interfaces that are not ours
+
+
+def interface_name_ok(name: str) -> bool:
+    return (0 < len(name) <= 15 and name.replace("-", "").replace("_", "").isalnum()
+            and name not in RESERVED_NAMES)
+
+
+def remove_stale_dpdk_runtime() -> None:
+    """Remove the DPDK runtime directories of kvmlet switches whose process is gone (killed before its clean-up)."""
+    for directory in Path("/var/run/dpdk").glob("kvmlet-ovs-*"):
+        pid = directory.name.split("-")[2]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def default_directory(name: str) -> str:
@@ -91,12 +118,17 @@ def default_directory(name: str) -> str:
     return os.path.join(base, "kvmlet", f"switch-{name}")
 
 
+def usable_cpus() -> list[int]:
+    """The CPUs this process may run on (its affinity: a container's cpuset, taskset), lowest first."""
+    return sorted(os.sched_getaffinity(0))
+
+
 def max_sleep_for(poll: str, cpus: int | None = None) -> int:
     """``pmd-maxsleep`` in microseconds for a polling policy (0 = busy polling)."""
     if poll not in POLL_MODES:
         raise ConfigError(f"--poll {poll}: choose one of {', '.join(POLL_MODES)}")
     if poll == "auto":
-        poll = "busy" if (cpus or os.cpu_count() or 1) >= BUSY_POLL_MIN_CPUS else "sleep"
+        poll = "busy" if (cpus or len(usable_cpus())) >= BUSY_POLL_MIN_CPUS else "sleep"
     return 0 if poll == "busy" else MAX_SLEEP_US
 
 
@@ -202,7 +234,8 @@ class OvsControl:
                                 rate=rate_kbit // 1000 or None, trust=ext.get(EXT_TRUST) == "on")
             port = VhostPort(row["name"], ext.get(EXT_SOCKET, str(self.directory / row["name"])),
                              int(ext.get(EXT_QUEUES, "1")), policy)
-            ofport = _ovs_atom(row["ofport_request"]) or _ovs_atom(row["ofport"]) or -1
+            assigned = _ovs_atom(row["ofport"])   # what ovs-vswitchd gave the port (the request may have clashed)
+            ofport = assigned if isinstance(assigned, int) and assigned > 0 else _ovs_atom(row["ofport_request"]) or -1
             stats = {key: int(value) for key, value in _ovs_map(row["statistics"]).items() if value.isdigit()}
             records.append((port, int(ofport), _ovs_map(row["status"]), stats))
         return sorted(records, key=lambda record: record[1])
@@ -260,6 +293,7 @@ class OvsControl:
         bridge = self.bridge()
         if any(record[0].name == port.name for record in self.port_records()):
             raise SwitchError(f"port {port.name} exists already; kvmlet net port set changes its controls")
+        check_socket_path(port.socket)
         self.vsctl(*self.add_port_commands(bridge, port, self.next_ofport()))
         self.apply_flows(bridge)
         link_socket(self.directory / port.name, port.socket)
@@ -289,17 +323,26 @@ class OvsControl:
         return self.run("ovs-ofctl", "dump-flows", f"unix:{self.directory / self.bridge()}.mgmt")
 
 
+def check_socket_path(socket_path: str) -> None:
+    """SwitchError unless a port's socket path is free or a socket/symlink kvmlet may replace."""
+    target = Path(socket_path)
+    if target.exists() and not target.is_symlink() and not target.is_socket():
+        raise SwitchError(f"{socket_path} exists and is not a socket: choose another path for the port's socket")
+
+
 def link_socket(served: Path, socket_path: str) -> None:
     """Make the path the user gave for a port lead to the socket Open vSwitch serves (a symlink)."""
     target = Path(socket_path)
     if target.absolute() == served.absolute():
         return
-    if target.is_symlink() or target.is_socket():
-        target.unlink()
-    elif target.exists():
-        raise SwitchError(f"{socket_path} exists and is not a socket: choose another path for the port's socket")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.symlink_to(served.absolute())
+    check_socket_path(socket_path)
+    try:
+        if target.is_symlink() or target.is_socket():
+            target.unlink()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(served.absolute())
+    except OSError as exc:
+        raise SwitchError(f"cannot link the port's socket at {socket_path}: {exc.strerror}") from None
 
 
 def unlink_socket_link(socket_path: str, directory: Path) -> None:
@@ -330,8 +373,10 @@ class OvsSwitch:
     vswitchd_started: float = field(default=0.0, init=False)
 
     def __post_init__(self) -> None:
-        if not self.name or len(self.name) > 15 or not self.name.replace("-", "").replace("_", "").isalnum():
-            raise ConfigError(f"switch name {self.name!r}: a host interface name (1 to 15 letters, digits, - or _)")
+        for what, name in (("switch name", self.name), ("uplink TAP", self.uplink_tap)):
+            if name is not None and not interface_name_ok(name):
+                raise ConfigError(f"{what} {name!r}: a host interface name (1 to 15 letters, digits, - or _; not "
+                                  f"{', '.join(RESERVED_NAMES)})")
         names = [port.name for port in self.ports]
         if len(set(names)) != len(names) or self.name in names or self.uplink_tap in names:
             raise ConfigError(f"port names must differ from each other, the switch ({self.name}) and the uplink")
@@ -340,6 +385,7 @@ class OvsSwitch:
         self.control = OvsControl(self.path)
         self._logs: list[IO[bytes]] = []
         self._log_starts: dict[str, int] = {}
+        self.started_pids: list[int] = []   # every daemon process this switch started (restarts too)
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     def start(self) -> OvsSwitch:
@@ -355,8 +401,18 @@ class OvsSwitch:
             raise SwitchError(f"another Open vSwitch with a user-space datapath runs in this network namespace "
                               f"({owner}): there can be one, as its datapath device {NETDEV_DATAPATH} is a host-wide "
                               "name; stop it, or add the ports to it")
+        if Path(f"/sys/class/net/{self.name}").exists():
+            raise SwitchError(f"an interface named {self.name} exists: the bridge's internal port needs that name (a "
+                              f"switch killed uncleanly leaves its TAP: 'ip link del {self.name}'), or use --name")
+        remove_stale_dpdk_runtime()
+        if self.uplink_tap is not None and Path(f"/sys/class/net/{self.uplink_tap}").exists():
+            raise SwitchError(f"--uplink-tap {self.uplink_tap}: that interface exists; Open vSwitch makes the uplink "
+                              "TAP its own and removes it when the switch stops, so give a name that is not in use")
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise SwitchError(f"cannot create the switch's directory {self.path}: {exc.strerror}") from None
             self._remove_runtime_files()
             for stale in ("conf.db", ".conf.db.~lock~"):
                 with contextlib.suppress(FileNotFoundError):
@@ -376,12 +432,12 @@ class OvsSwitch:
         return self
 
     def _configuration(self) -> list[str]:
-        cpus = os.cpu_count() or 1
+        cpus = usable_cpus()
         memory = [] if any(arg.startswith("--huge-dir") for arg in self.eal_args) else ["--no-huge", "--legacy-mem"]
         extra = " ".join([*memory, "-m", str(self.memory_mib), "--no-pci", f"--file-prefix={self.prefix}",
                           *self.eal_args])
         args = ["set", "Open_vSwitch", ".", "other_config:dpdk-init=true", f"other_config:dpdk-extra=\"{extra}\"",
-                "other_config:dpdk-lcore-mask=0x1", f"other_config:pmd-cpu-mask={1 << (cpus - 1):#x}",
+                f"other_config:dpdk-lcore-mask={1 << cpus[0]:#x}", f"other_config:pmd-cpu-mask={1 << cpus[-1]:#x}",
                 f"other_config:pmd-maxsleep={self.max_sleep_us}", "other_config:per-port-memory=true",
                 "--", "add-br", self.name, "--", "set", "Bridge", self.name, "datapath_type=netdev",
                 "fail_mode=secure", "other_config:disable-in-band=true"]
@@ -427,8 +483,10 @@ class OvsSwitch:
         self._logs.append(log)
         argv = [*argv, f"--pidfile={self.path / daemon}.pid", f"--unixctl={self.path / daemon}.ctl",
                 f"--log-file={self.path / daemon}.log", "--no-chdir", "-vconsole:off"]
-        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                env=self.control.env(), start_new_session=True)
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                   env=self.control.env(), start_new_session=True, preexec_fn=die_with_parent)
+        self.started_pids.append(process.pid)
+        return process
 
     def _wait(self, daemon: str, process: subprocess.Popen[bytes], ready: Any) -> None:
         deadline = time.monotonic() + self.start_timeout
@@ -470,6 +528,7 @@ class OvsSwitch:
         elif process is not None:
             process.wait()
         self._remove_dpdk_runtime()
+        self._remove_leftover_taps()
         # what a killed ovs-vswitchd leaves (control, bridge and vhost-user sockets, pid file) would look ready
         self._remove_runtime_files(keep={"db.sock", "ovsdb-server.ctl", "ovsdb-server.pid"})
 
@@ -493,6 +552,14 @@ class OvsSwitch:
             for log in self._logs:
                 log.close()
             self._logs.clear()
+
+    def _remove_leftover_taps(self) -> None:
+        """The TAPs Open vSwitch made persistent (the datapath's, the bridge's, the uplink): a clean exit removes
+        them, a killed or crashed ovs-vswitchd does not, and the next switch could not start."""
+        ours = [self.name, *([self.uplink_tap] if self.uplink_tap else [])]
+        for ifname in ours + ([NETDEV_DATAPATH] if not vswitchd_processes() else []):
+            if Path(f"/sys/class/net/{ifname}").exists():
+                subprocess.run(["ip", "link", "del", ifname], capture_output=True, check=False)
 
     def _remove_runtime_files(self, keep: set[str] | None = None) -> None:
         if not self.path.is_dir():
@@ -558,5 +625,7 @@ def _end(process: subprocess.Popen[bytes], *, asked: bool = False, timeout: floa
 
 def _disable_ipv6(ifname: str) -> None:
     """Keep the host from sending router solicitations and MLD reports through the switch's host interfaces."""
+    if not Path(f"/sys/class/net/{ifname}").exists():
+        return
     with contextlib.suppress(OSError):
         Path(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6").write_text("1")

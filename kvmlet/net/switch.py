@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvmlet.errors import KvmletError
-from kvmlet.net.ports import VhostPort as VhostPort  # re-exported: the port of either engine
+from kvmlet.net.ports import VhostPort as VhostPort
+from kvmlet.process import die_with_parent  # re-exported: the port of either engine
 
 TESTPMD = "dpdk-testpmd"
 START_TIMEOUT = 20.0
@@ -92,7 +93,8 @@ class TestpmdSwitch:
         try:
             # stdin stays open: testpmd without -i runs until its standard input ends or it is signalled
             self.process = subprocess.Popen(self.command(), stdin=subprocess.PIPE, stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+                                            stderr=subprocess.STDOUT, start_new_session=True,
+                                            preexec_fn=die_with_parent)
             self._log = log
             deadline = time.monotonic() + START_TIMEOUT
             while not all(Path(port.socket).is_socket() for port in self.ports) or not self._uplink_ready():
