@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from kvmlet.errors import ConfigError
@@ -134,21 +135,37 @@ def run_testpmd(args: argparse.Namespace, ports: list[VhostPort]) -> int:
         raise ConfigError("give at least one --port NAME=SOCKET")
     mode = args.mode or "io"
     switch = TestpmdSwitch(ports, uplink_tap=args.uplink_tap, forward_mode=mode, cores=args.cores)
-    stop = threading.Event()
-    previous = _stop_on_signals(stop)
-    try:
+
+    def started() -> None:
         switch.start()
         for port in ports:
             print(f"port {port.name}: {port.socket} ({port.queues} queue pairs): {port.hint()}", flush=True)
         print(f"switch running (testpmd pid {switch.pid}, mode {mode}); Ctrl+C stops it", flush=True)
+
+    def check() -> int | None:
+        if switch.running():
+            return None
+        print(f"kvmlet net: testpmd exited: {switch.output()[-800:]}", file=sys.stderr)
+        return 1
+
+    return _foreground(started, check, switch.stop)
+
+
+def _foreground(start: Callable[[], None], check: Callable[[], int | None], stop_switch: Callable[[], None]) -> int:
+    """Start the switch, then ``check`` it every half second until it returns an exit status or Ctrl+C, SIGTERM or
+    SIGHUP arrives; the switch is stopped on every way out."""
+    stop = threading.Event()
+    previous = _stop_on_signals(stop)
+    try:
+        start()
         while not stop.wait(0.5):
-            if not switch.running():
-                print(f"kvmlet net: testpmd exited: {switch.output()[-800:]}", file=sys.stderr)
-                return 1
+            status = check()
+            if status is not None:
+                return status
     except KeyboardInterrupt:
         pass
     finally:
-        switch.stop()
+        stop_switch()
         _restore_signals(previous)
     return 0
 
@@ -165,9 +182,8 @@ def run_ovs(args: argparse.Namespace, ports: list[VhostPort]) -> int:
         internal, address = True, address or None
     switch = OvsSwitch(ports, name=args.name, directory=args.dir, uplink_internal=internal, uplink_address=address,
                        uplink_tap=args.uplink_tap, poll=args.poll)
-    stop = threading.Event()
-    previous = _stop_on_signals(stop)
-    try:
+
+    def started() -> None:
         switch.start()
         for port in ports:
             print(f"port {port.name}: {port.socket} ({port.queues} queue pairs; {port.policy.describe()}): "
@@ -179,24 +195,21 @@ def run_ovs(args: argparse.Namespace, ports: list[VhostPort]) -> int:
         polling = f"pmd-maxsleep={switch.max_sleep_us} us" if switch.max_sleep_us else "busy polling"
         print(f"switch running (ovs-vswitchd pid {switch.pids()[-1]}, ovsdb-server pid {switch.pids()[0]}, "
               f"dir {switch.path}, {polling}); Ctrl+C stops it", flush=True)
-        while not stop.wait(0.5):
-            if switch.ovsdb is None or switch.ovsdb.poll() is not None:
-                print(f"kvmlet net: ovsdb-server exited: {switch.log_tail('ovsdb-server')}",
-                      file=sys.stderr)
+
+    def check() -> int | None:
+        if switch.ovsdb is None or switch.ovsdb.poll() is not None:
+            print(f"kvmlet net: ovsdb-server exited: {switch.log_tail('ovsdb-server')}", file=sys.stderr)
+            return 1
+        if switch.vswitchd is None or switch.vswitchd.poll() is not None:
+            tail = switch.log_tail("ovs-vswitchd")
+            if time.monotonic() - switch.vswitchd_started < RESTART_MIN_UPTIME:
+                print(f"kvmlet net: ovs-vswitchd exited again soon after its start: {tail}", file=sys.stderr)
                 return 1
-            if switch.vswitchd is None or switch.vswitchd.poll() is not None:
-                tail = switch.log_tail("ovs-vswitchd")
-                if time.monotonic() - switch.vswitchd_started < RESTART_MIN_UPTIME:
-                    print(f"kvmlet net: ovs-vswitchd exited again soon after its start: {tail}", file=sys.stderr)
-                    return 1
-                print(f"kvmlet net: ovs-vswitchd exited ({tail}); restarting it", file=sys.stderr, flush=True)
-                switch.restart_vswitchd()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        switch.stop()
-        _restore_signals(previous)
-    return 0
+            print(f"kvmlet net: ovs-vswitchd exited ({tail}); restarting it", file=sys.stderr, flush=True)
+            switch.restart_vswitchd()
+        return None
+
+    return _foreground(started, check, switch.stop)
 
 
 def port_main(args: argparse.Namespace) -> int:
