@@ -276,6 +276,62 @@ def test_controls_change_on_the_running_switch(make_switch: Callable[..., OvsSwi
     assert switch.control.vsctl("get", "Port", "vm2", "tag", wait=False).strip() == "7"
 
 
+def _meminfo(key: str) -> int:
+    with open("/proc/meminfo") as meminfo:
+        return next(int(line.split()[1]) for line in meminfo if line.startswith(key + ":"))
+
+
+@contextlib.contextmanager
+def _huge_pages(mount: Path, pages: int) -> Iterator[None]:
+    """A hugetlbfs mount with ``pages`` more 2 MiB pages reserved, both undone on exit; skips where the kernel
+    cannot give them (no hugetlbfs, or not enough contiguous memory)."""
+    nr = Path("/proc/sys/vm/nr_hugepages")
+    before = int(nr.read_text())
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "hugetlbfs", "nodev", str(mount)], capture_output=True).returncode != 0:
+        pytest.skip("no hugetlbfs on this host (mount -t hugetlbfs failed)")
+    try:
+        nr.write_text(str(before + pages))
+        if _meminfo("HugePages_Free") < pages:
+            pytest.skip(f"the kernel could not reserve {pages} huge pages of 2 MiB here")
+        yield
+    finally:
+        nr.write_text(str(before))
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+@needs_ovs
+def test_the_switch_runs_on_huge_pages_and_gives_them_back(tmp_path: Path) -> None:
+    from kvmlet.cli import main
+
+    assert main(["net", "switch", "--engine", "ovs", "--huge-dir", str(tmp_path), "--port", "vm0=/tmp/x.sock"]) == 2
+    mount, sock = tmp_path / "huge", tmp_path / "vm0.sock"
+    with _huge_pages(mount, 300):
+        free = _meminfo("HugePages_Free")
+        _wait_for_the_datapath()
+        process = subprocess.Popen([sys.executable, "-m", "kvmlet", "net", "switch", "--engine", "ovs", "--name",
+                                    _name(), "--dir", str(tmp_path / "sw"), "--port", f"vm0={sock}",
+                                    "--huge-dir", str(mount)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            assert process.stdout is not None
+            output = b""
+            deadline = time.monotonic() + 60
+            while b"switch running" not in output:
+                ready, _, _ = select.select([process.stdout], [], [], max(0.0, deadline - time.monotonic()))
+                chunk = os.read(process.stdout.fileno(), 65536) if ready else b""
+                assert chunk, f"the switch did not start on huge pages: {output.decode()}"
+                output += chunk
+            assert sock.is_socket()
+            assert _meminfo("HugePages_Free") <= free - 128   # DPDK's 512 MiB: 256 pages of 2 MiB
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(20) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
+        assert _meminfo("HugePages_Free") == free and not list(mount.iterdir())   # every page back
+
+
 @needs_ovs
 def test_kvmlet_net_switch_and_port_commands(tmp_path: Path) -> None:
     directory, sock, name = tmp_path / "sw", tmp_path / "vm0.sock", _name()

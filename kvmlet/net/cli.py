@@ -25,7 +25,7 @@ from typing import Any
 from kvmlet.errors import ConfigError
 from kvmlet.net.ports import VhostPort, parse_changes
 from kvmlet.net.ports import parse_port as parse_port
-from kvmlet.net.switch import FORWARD_MODES, SwitchError, TestpmdSwitch
+from kvmlet.net.switch import FORWARD_MODES, SwitchError, TestpmdSwitch, check_huge_dir
 
 ENGINES = ("ovs", "testpmd")
 RESTART_MIN_UPTIME = 10.0    # ovs-vswitchd that dies sooner after its start is not restarted again
@@ -48,6 +48,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                         help="ovs: bring the bridge's internal port (host interface NAME) up, with this address")
     switch.add_argument("--uplink-tap", metavar="NAME",
                         help="a new host TAP interface as a port, removed when the switch stops")
+    switch.add_argument("--huge-dir", metavar="DIR",
+                        help="DPDK's memory from huge pages in this hugetlbfs mount (default: none, --no-huge)")
     switch.add_argument("--poll", choices=("auto", "busy", "sleep"), default="auto",
                         help="ovs: busy polls a whole CPU; sleep lets the poller sleep when idle (pmd-maxsleep); "
                              "auto: busy only with 4 or more CPUs")
@@ -134,7 +136,8 @@ def run_testpmd(args: argparse.Namespace, ports: list[VhostPort]) -> int:
     if not ports:
         raise ConfigError("give at least one --port NAME=SOCKET")
     mode = args.mode or "io"
-    switch = TestpmdSwitch(ports, uplink_tap=args.uplink_tap, forward_mode=mode, cores=args.cores)
+    switch = TestpmdSwitch(ports, uplink_tap=args.uplink_tap, forward_mode=mode, cores=args.cores,
+                           huge_dir=check_huge_dir(args.huge_dir))
 
     def started() -> None:
         switch.start()
@@ -180,8 +183,10 @@ def run_ovs(args: argparse.Namespace, ports: list[VhostPort]) -> int:
         if kind != "internal":
             raise ConfigError(f"--uplink {args.uplink}: use internal[=IP/PREFIX] (or --uplink-tap NAME)")
         internal, address = True, address or None
+    huge_dir = check_huge_dir(args.huge_dir)
     switch = OvsSwitch(ports, name=args.name, directory=args.dir, uplink_internal=internal, uplink_address=address,
-                       uplink_tap=args.uplink_tap, poll=args.poll)
+                       uplink_tap=args.uplink_tap, poll=args.poll,
+                       eal_args=("--huge-dir", huge_dir) if huge_dir else ())
 
     def started() -> None:
         switch.start()

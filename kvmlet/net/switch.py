@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvmlet.errors import KvmletError
+from kvmlet.errors import ConfigError, KvmletError
 from kvmlet.net.ports import VhostPort as VhostPort
 from kvmlet.process import die_with_parent  # re-exported: the port of either engine
 
@@ -39,6 +39,19 @@ FORWARD_MODES = ("io", "rxonly", "macswap")
 
 class SwitchError(KvmletError):
     """The switch cannot be started or used."""
+
+
+def check_huge_dir(path: str | None) -> str | None:
+    """``path`` if it is a hugetlbfs mount (DPDK's memory then comes from huge pages), else ConfigError."""
+    if path is None:
+        return None
+    resolved = os.path.realpath(path)
+    with open("/proc/mounts") as mounts:
+        hugetlbfs = {fields[1] for fields in (line.split() for line in mounts) if fields[2] == "hugetlbfs"}
+    if resolved not in hugetlbfs:
+        raise ConfigError(f"--huge-dir {path}: not a hugetlbfs mount (mount -t hugetlbfs nodev {path}, and reserve "
+                          "pages: echo 512 > /proc/sys/vm/nr_hugepages)")
+    return resolved
 
 
 def testpmd_path() -> str | None:
@@ -58,6 +71,7 @@ class TestpmdSwitch:
     cores: str = "0,1"                     # main lcore, forwarding lcore
     memory_mib: int = 256
     log_path: str | None = None
+    huge_dir: str | None = None            # a hugetlbfs mount for DPDK's memory (default: --no-huge)
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
     prefix: str = field(default_factory=lambda: f"kvmlet-{os.getpid()}-{secrets.token_hex(3)}", init=False)
 
@@ -72,7 +86,8 @@ class TestpmdSwitch:
         if self.forward_mode not in FORWARD_MODES:
             raise SwitchError(f"forward mode {self.forward_mode!r}: choose one of {', '.join(FORWARD_MODES)}")
         queues = max([port.queues for port in self.ports] or [1])
-        args = [binary, "-l", self.cores, "--no-huge", "-m", str(self.memory_mib), "--no-pci",
+        memory = ["--huge-dir", self.huge_dir, "--huge-unlink"] if self.huge_dir else ["--no-huge"]
+        args = [binary, "-l", self.cores, *memory, "-m", str(self.memory_mib), "--no-pci",
                 f"--file-prefix={self.prefix}", "--log-level=lib.eal:error"]
         for number, port in enumerate(self.ports):
             args += ["--vdev", f"net_vhost{number},iface={port.socket},queues={port.queues}"]
