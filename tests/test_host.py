@@ -104,6 +104,7 @@ def vmx_host(root: Path) -> FakeHost:
     host.write("/sys/bus/pci/devices/0000:00:1f.0/vendor", "0x8086")
     host.write("/dev/tpm0").write("/dev/tpmrm0").write("/sys/class/tpm/tpm0/tpm_version_major", "2")
     host.write("/dev/vhost-net").write("/dev/vhost-vsock").write("/dev/net/tun")
+    host.write("/usr/lib/openvswitch-switch-dpdk/ovs-vswitchd-dpdk")
     host.write("/sys/kernel/mm/transparent_hugepage/enabled", "[always] madvise never")
     host.write("/sys/kernel/mm/transparent_hugepage/shmem_enabled",
                "always within_size [advise] never deny force")
@@ -158,6 +159,7 @@ def test_vmx_host(tmp_path: Path) -> None:
     assert "ens1f0 (0000:3b:00.0, 0/64 VFs)" in report.feature("SR-IOV").detail
     assert s["TPM"] is A and "TPM 2.0 at /dev/tpmrm0" in report.feature("TPM").detail
     assert s["vhost-net"] is V and s["vhost-vsock"] is V and s["TAP"] is V
+    assert s["vhost-user switch"] is V and "Open vSwitch with DPDK" in report.feature("vhost-user switch").detail
     assert s["THP (anonymous)"] is A and s["THP (shmem/memfd)"] is V
     assert s["Hugetlb pages"] is V and "500/512 x 2 MiB free" in report.feature("Hugetlb pages").detail
     assert report.host.cpu_model == "Intel(R) Xeon(R) Gold 6338"
@@ -234,6 +236,7 @@ def test_pvm_host(tmp_path: Path) -> None:
         assert "not loaded" in report.feature(name).detail
     assert s["IOMMU (VT-d/AMD-Vi)"] is X and s["VFIO"] is X and s["TPM"] is X
     assert s["vhost-net"] is X and s["vhost-vsock"] is X and s["TAP"] is V
+    assert s["vhost-user switch"] is X   # the fake root has neither Open vSwitch with DPDK nor testpmd
     assert s["THP (shmem/memfd)"] is X  # the 2 MiB per-size setting inherits "never"
     assert report.host.virtualized
     notes = " ".join(report.notes)

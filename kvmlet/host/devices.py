@@ -140,6 +140,18 @@ def node_feature(root: Root, name: str, node: str, present: str, missing: str) -
     return Feature(name, X, f"no {node}: {missing}")
 
 
+def switch_feature(root: Root = "/") -> Feature:
+    """The vhost-user switch `kvmlet net switch` can run here (docs/networking.md)."""
+    name = "vhost-user switch"
+    if exists(root, "/usr/lib/openvswitch-switch-dpdk/ovs-vswitchd-dpdk"):
+        return Feature(name, V, "Open vSwitch with DPDK: kvmlet net switch, per-port MAC, VLAN, rate and trust")
+    testpmd = which(root, "dpdk-testpmd")
+    if testpmd:
+        return Feature(name, V, f"{testpmd}: kvmlet net switch --engine testpmd, no per-port controls "
+                                "(apt install openvswitch-switch-dpdk for them)")
+    return Feature(name, X, "no switch (apt install openvswitch-switch-dpdk): VMs use TAP networking")
+
+
 def io_features(root: Root = "/") -> list[Feature]:
     iommu = read_iommu_state(root)
     return [
@@ -149,8 +161,9 @@ def io_features(root: Root = "/") -> list[Feature]:
         tpm_feature(root),
         vtpm_feature(root),
         node_feature(root, "vhost-net", "/dev/vhost-net",
-                     "virtio-net queues can be served in the host kernel",
+                     "virtio-net queues can be served in the host kernel (--net tap=..,vhost=on)",
                      "virtio-net served in user space by kvmlet (modprobe vhost_net)"),
+        switch_feature(root),
         node_feature(root, "vhost-vsock", "/dev/vhost-vsock",
                      "virtio-vsock can be served in the host kernel",
                      "vsock served in user space by kvmlet (modprobe vhost_vsock)"),
