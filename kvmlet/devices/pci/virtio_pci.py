@@ -423,8 +423,7 @@ class PciTransport(VirtioTransport):
 
     def check_state(self, state: object) -> PciTransportState:
         saved = expect_state(state, PciTransportState, self.device.name)
-        self._check_common_state(saved.device_type, saved.queues, saved.device, saved.status,
-                                 saved.driver_features)
+        self._check_common_state(saved)
         if len(saved.queue_vectors) != len(self.queues):
             from kvmlet.devices.state import DeviceStateError
 
@@ -447,12 +446,7 @@ class PciTransport(VirtioTransport):
         with self._lock:
             self._restore_queues(saved.queues)
             with self._irq_lock:
-                self.status = saved.status & 0xFF
-                self.device_features_sel = saved.device_features_sel
-                self.driver_features_sel = saved.driver_features_sel
-                self.driver_features = saved.driver_features
-                self._unknown_driver_features = saved.unknown_driver_features
-                self.queue_sel = saved.queue_sel
+                self._restore_negotiation(saved)
                 self.isr = saved.isr & 3
                 self.config_vector = saved.config_vector & 0xFFFF
                 self.queue_vectors = [vector & 0xFFFF for vector in saved.queue_vectors]

@@ -213,8 +213,7 @@ class MmioTransport(VirtioTransport):
     def check_state(self, state: object) -> MmioTransportState:
         """``state`` if it fits this transport and device, else DeviceStateError (nothing is changed)."""
         saved = expect_state(state, MmioTransportState, self.device.name)
-        self._check_common_state(saved.device_type, saved.queues, saved.device, saved.status,
-                                 saved.driver_features)
+        self._check_common_state(saved)
         return saved
 
     def restore_state(self, state: object) -> None:
@@ -225,12 +224,7 @@ class MmioTransport(VirtioTransport):
         with self._lock:
             self._restore_queues(saved.queues)
             with self._irq_lock:
-                self.status = saved.status & 0xFF
-                self.device_features_sel = saved.device_features_sel
-                self.driver_features_sel = saved.driver_features_sel
-                self.driver_features = saved.driver_features
-                self._unknown_driver_features = saved.unknown_driver_features
-                self.queue_sel = saved.queue_sel
+                self._restore_negotiation(saved)
                 self.shm_sel = saved.shm_sel
                 self.interrupt_status = saved.interrupt_status & int(InterruptReason.USED_BUFFER
                                                                      | InterruptReason.CONFIG_CHANGE)

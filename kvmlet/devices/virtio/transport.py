@@ -44,7 +44,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from kvmlet.devices.state import DeviceStateError, QueueState, VirtioDeviceState, expect_state
+from kvmlet.devices.state import (
+    DeviceStateError,
+    MmioTransportState,
+    PciTransportState,
+    QueueState,
+    VirtioDeviceState,
+    expect_state,
+)
 from kvmlet.devices.virtio.constants import (
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
@@ -460,9 +467,11 @@ class VirtioTransport:
             self._deliver_held_interrupt()
 
     # -- snapshots: the part every transport saves ----------------------------------------------------
-    def _check_common_state(self, device_type: int, queues: list[QueueState], device: VirtioDeviceState,
-                            status: int, driver_features: int) -> None:
+    def _check_common_state(self, saved: MmioTransportState | PciTransportState) -> None:
+        """What both transports check before restoring: the device type, the queues, the device's own state and
+        the negotiated features (DeviceStateError; nothing is changed)."""
         name = self.device.name
+        device_type, queues, device = saved.device_type, saved.queues, saved.device
         if device_type != int(self.device.device_type):
             raise DeviceStateError(f"{name}: the saved state is of virtio device type {device_type}; this "
                                    f"device is type {int(self.device.device_type)}")
@@ -475,11 +484,20 @@ class VirtioTransport:
                 raise DeviceStateError(f"{name}: queue {queue.index} was {saved_queue.size} entries; this device "
                                        f"allows at most {queue.max_size}")
         self.device.check_state(device)
-        missing = driver_features & ~self.offered_features()
-        if status & DeviceStatus.FEATURES_OK and missing:   # before FEATURES_OK a driver may write anything
+        missing = saved.driver_features & ~self.offered_features()
+        if saved.status & DeviceStatus.FEATURES_OK and missing:   # before FEATURES_OK a driver may write anything
             bits = ", ".join(str(bit) for bit in range(64) if missing >> bit & 1)
             raise DeviceStateError(f"{name}: the driver had accepted feature bits {bits}, which this device does "
                                    "not offer here (a host or back end without them)")
+
+    def _restore_negotiation(self, saved: MmioTransportState | PciTransportState) -> None:
+        """The status and feature registers both transports have (call with both locks held)."""
+        self.status = saved.status & 0xFF
+        self.device_features_sel = saved.device_features_sel
+        self.driver_features_sel = saved.driver_features_sel
+        self.driver_features = saved.driver_features
+        self._unknown_driver_features = saved.unknown_driver_features
+        self.queue_sel = saved.queue_sel
 
     def _restore_queues(self, queues: list[QueueState]) -> None:
         """Reset, then load the saved queues (call with the lock held)."""
