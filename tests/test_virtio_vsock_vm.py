@@ -4,50 +4,20 @@ P; kvmlet connects that to the Unix socket ``<uds>_P`` where the test serves PIN
 
 from __future__ import annotations
 
-import socket
-import threading
 from pathlib import Path
 
 from kvmlet.config import Vsock
 from kvmlet.devices.virtio.vsock import VirtioVsock
 from tests.support.vmrun import run_vm
+from tests.support.vsockecho import pong_server
 
 
 def test_guest_vsock_ping_pong_with_a_host_unix_socket(guest_elf: Path, tmp_path: Path) -> None:
     uds = tmp_path / "vm.vsock"
     port = 1234
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(f"{uds}_{port}")
-    server.listen(1)
-    server.settimeout(60)
-    got: list[bytes] = []
-
-    def serve() -> None:
-        try:
-            conn, _ = server.accept()
-        except OSError:
-            return
-        with conn:
-            conn.settimeout(30)
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = conn.recv(100)
-                if not chunk:
-                    break
-                data += chunk
-            got.append(data)
-            conn.sendall(b"PONG\n")
-            while conn.recv(100):
-                pass
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
+    with pong_server(f"{uds}_{port}") as got:
         run = run_vm(guest_elf, f"console=ttyS0 kvmlet.test=virtio-vsock kvmlet.vsock_port={port}",
                      vsock=Vsock(guest_cid=7, uds_path=str(uds)))
-    finally:
-        server.close()
-        thread.join(5)
     assert run.passed("virtio-vsock"), run.output
     assert f"VSOCK cid=7 port={port}" in run.output
     assert got == [b"PING\n"]

@@ -17,6 +17,7 @@ import pytest
 
 from tests.support.apiclient import ApiServer, guest_boot_source
 from tests.support.pcivm import disk, pci_config, run_pci
+from tests.support.vsockecho import pong_server
 
 ISOLATION = "vtd-probe,vtd-on,virtio-blk,virtio-rng,vtd-fault,vtd-stale,vtd-isolation,vtd-off,virtio-blk"
 
@@ -165,40 +166,16 @@ def test_virtio_net_through_io_virtual_addresses(guest_elf: Path, tmp_path: Path
 
 def test_virtio_vsock_through_io_virtual_addresses(guest_elf: Path, tmp_path: Path) -> None:
     """virtio-vsock on PCI behind the unit, translation on: the guest's PING reaches a host Unix socket."""
-    import socket
-    import threading
 
     import msgspec
 
     from kvmlet.config import Vsock
 
     uds, port = tmp_path / "vm.vsock", 1234
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(f"{uds}_{port}")
-    server.listen(1)
-    server.settimeout(60)
-    got: list[bytes] = []
-
-    def serve() -> None:
-        try:
-            conn, _ = server.accept()
-        except OSError:
-            return
-        with conn:
-            got.append(conn.recv(100))
-            conn.sendall(b"PONG\n")
-            while conn.recv(100):
-                pass
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
+    with pong_server(f"{uds}_{port}") as got:
         config = pci_config(guest_elf, tmp_path, "vtd-on,virtio-vsock",
                             extra=f"kvmlet.virtio=pci kvmlet.vsock_port={port}", iommu="vtd", rng=False)
         run = run_pci(msgspec.structs.replace(config, drives=[], vsock=Vsock(guest_cid=7, uds_path=str(uds),
                                                                               transport="pci")))
-    finally:
-        server.close()
-        thread.join(5)
     _all_passed(run.output, "vtd-on,virtio-vsock")
     assert got == [b"PING\n"] and run.stats["vtd"].faults == 0                # type: ignore[attr-defined]
