@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.apiclient import ApiServer, guest_boot_source, wait_for_socket
+from tests.support.apiclient import ApiServer, Servers, guest_boot_source, ok, server_group
 
 SNAPWORK = "kvmlet.snap_mib=8 kvmlet.snap_rounds=300 kvmlet.snap_every=4 kvmlet.snap_steps=1024"
 DISK_SIZE = 1 << 20
@@ -88,21 +88,7 @@ def netpair() -> Iterator[NetPair]:
 
 
 class Server(ApiServer):
-    """`kvmlet serve`, in a network namespace if given (its API socket is a path: reachable from any)."""
-
-    def __init__(self, directory: Path, *extra: str, namespace: str | None = None) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        self.directory = directory
-        self.socket = directory / "api.sock"
-        self.console = directory / "console.log"
-        self.log = directory / "server.log"
-        prefix = ["ip", "netns", "exec", namespace] if namespace else []
-        with open(self.log, "wb") as log:
-            self.process = subprocess.Popen(
-                [*prefix, sys.executable, "-m", "kvmlet", "serve", "--api-sock", str(self.socket),
-                 "--console", f"file:{self.console}", *extra],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        wait_for_socket(self.socket, self.process)
+    """`kvmlet serve` (in a network namespace if given), with the migration calls."""
 
     def migration(self) -> dict[str, Any]:
         status, body = self.call("GET", "/migration")
@@ -143,32 +129,10 @@ class Server(ApiServer):
         return self.console_text()
 
 
-class Servers:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.started: list[Server] = []
-
-    def new(self, name: str, *extra: str, namespace: str | None = None) -> Server:
-        server = Server(self.root / name, *extra, namespace=namespace)
-        self.started.append(server)
-        return server
-
-    def stop(self) -> None:
-        for server in self.started:
-            server.stop()
-
-
 @pytest.fixture
-def servers(tmp_path: Path) -> Iterator[Servers]:
-    group = Servers(tmp_path)
-    try:
+def servers(tmp_path: Path) -> Iterator[Servers[Server]]:
+    with server_group(tmp_path, Server) as group:
         yield group
-    finally:
-        group.stop()
-
-
-def ok(reply: tuple[int, Any]) -> None:
-    assert reply[0] == 204, reply
 
 
 def boot(api: ApiServer, guest_elf: Path, disk: Path, *, metrics: Path | None = None) -> None:
@@ -206,16 +170,13 @@ def from_banner(output: str) -> str:
 def reference(tmp_path_factory: pytest.TempPathFactory, guest_elf: Path) -> tuple[str, bytes]:
     """An unmigrated run: its console output and its drive."""
     root = tmp_path_factory.mktemp("reference")
-    group = Servers(root)
-    try:
+    with server_group(root, Server) as group:
         api = group.new("vm")
         disk = new_disk(root / "disk.img")
         boot(api, guest_elf, disk)
         output = api.final_output()
         assert "TEST snapwork PASS" in output, output[-800:]
         return from_banner(output), disk.read_bytes()
-    finally:
-        group.stop()
 
 
 def test_snapwork_migrated_between_namespaces_finishes_as_if_it_had_not_moved(

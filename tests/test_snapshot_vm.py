@@ -20,43 +20,17 @@ from typing import Any
 import pytest
 
 from kvmlet.kvm.cpuid import CpuidEntry
-from tests.support.apiclient import ApiServer, guest_boot_source
+from tests.support.apiclient import ApiServer, Servers, guest_boot_source, ok, server_group
 
 SNAPWORK = "kvmlet.snap_mib=8 kvmlet.snap_rounds=100 kvmlet.snap_every=4"
 DISK_SIZE = 1 << 20
 MEMORY_MIB = 64
 
 
-class Servers:
-    """`kvmlet serve` processes, each in its own directory, all stopped at the end."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.started: list[ApiServer] = []
-
-    def new(self, name: str) -> ApiServer:
-        directory = self.root / name
-        directory.mkdir()
-        server = ApiServer(directory)
-        self.started.append(server)
-        return server
-
-    def stop(self) -> None:
-        for server in self.started:
-            server.stop()
-
-
 @pytest.fixture
-def servers(tmp_path: Path) -> Iterator[Servers]:
-    group = Servers(tmp_path)
-    try:
+def servers(tmp_path: Path) -> Iterator[Servers[ApiServer]]:
+    with server_group(tmp_path, ApiServer) as group:
         yield group
-    finally:
-        group.stop()
-
-
-def ok(reply: tuple[int, Any]) -> None:
-    assert reply[0] == 204, reply
 
 
 def boot(api: ApiServer, guest_elf: Path, tests: str, extra: str = "", *, disk: Path | None = None,
@@ -103,16 +77,13 @@ def record_on_disk(disk: bytes, number: int) -> bool:
 def reference(tmp_path_factory: pytest.TempPathFactory, guest_elf: Path) -> tuple[str, bytes]:
     """An unsnapshotted run: its console output and its drive's contents."""
     root = tmp_path_factory.mktemp("reference")
-    group = Servers(root)
-    try:
+    with server_group(root, ApiServer) as group:
         api = group.new("vm")
         disk = new_disk(root / "disk.img")
         boot(api, guest_elf, "snapwork", SNAPWORK, disk=disk)
         output = api.wait_console("TESTS DONE", timeout=120)
         assert "TEST snapwork PASS" in output, output[-800:]
         return output[output.index("kvmlet-guest"):], disk.read_bytes()
-    finally:
-        group.stop()
 
 
 @pytest.mark.slow
@@ -221,14 +192,11 @@ def test_ten_clones_each_see_a_new_generation_id(servers: Servers, guest_elf: Pa
 def saved(tmp_path_factory: pytest.TempPathFactory, guest_elf: Path) -> tuple[Path, Path]:
     """A snapshot of a small VM running a long CPL3 loop."""
     root = tmp_path_factory.mktemp("saved")
-    group = Servers(root)
-    try:
+    with server_group(root, ApiServer) as group:
         api = group.new("vm")
         boot(api, guest_elf, "cpl3", "kvmlet.loops=400000000")
         api.wait_console("kvmlet-guest: boot", timeout=60)
         return snapshot(api, root, "vm")
-    finally:
-        group.stop()
 
 
 def _rewrite_header(source: Path, target: Path, **changes: Any) -> None:

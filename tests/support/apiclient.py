@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import signal
@@ -9,8 +10,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -62,13 +64,19 @@ def wait_for_socket(path: Path, process: subprocess.Popen[bytes], timeout: float
 class ApiServer:
     """`python -m kvmlet serve` in a child process, its console in a file."""
 
-    def __init__(self, directory: Path, *extra: str, command: tuple[str, ...] = ("serve",)) -> None:
+    def __init__(self, directory: Path, *extra: str, command: tuple[str, ...] = ("serve",),
+                 namespace: str | None = None) -> None:
+        """In ``directory`` (made if missing); in network namespace ``namespace`` if given (the API socket is a
+        path: reachable from any)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
         self.socket = directory / "api.sock"
         self.console = directory / "console.log"
         self.log = directory / "server.log"    # a file, not a pipe nobody reads: a full pipe would block it
+        prefix = ["ip", "netns", "exec", namespace] if namespace else []
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "kvmlet", *command, "--api-sock", str(self.socket),
+                [*prefix, sys.executable, "-m", "kvmlet", *command, "--api-sock", str(self.socket),
                  "--console", f"file:{self.console}", *extra],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         wait_for_socket(self.socket, self.process)
@@ -119,3 +127,39 @@ def guest_boot_source(guest_elf: Path, tests: str, extra: str = "") -> dict[str,
     return {"kernel_image_path": str(guest_elf),
             "boot_args": f"console=ttyS0 kvmlet.test={tests} {extra}".strip()}
 
+
+
+S = TypeVar("S", bound=ApiServer)
+
+
+class Servers(Generic[S]):
+    """`kvmlet serve` processes of one kind, each in its own directory under ``root``, all stopped at the end."""
+
+    def __init__(self, root: Path, kind: type[S]) -> None:
+        self.root = root
+        self.kind = kind
+        self.started: list[S] = []
+
+    def new(self, name: str, *extra: str, namespace: str | None = None) -> S:
+        server = self.kind(self.root / name, *extra, namespace=namespace)
+        self.started.append(server)
+        return server
+
+    def stop(self) -> None:
+        for server in self.started:
+            server.stop()
+
+
+@contextlib.contextmanager
+def server_group(root: Path, kind: type[S]) -> Iterator[Servers[S]]:
+    """:class:`Servers` for a test (a fixture's body): every one stopped on exit, whatever happened."""
+    group = Servers(root, kind)
+    try:
+        yield group
+    finally:
+        group.stop()
+
+
+def ok(reply: tuple[int, Any]) -> None:
+    """An API call that answered 204 No Content."""
+    assert reply[0] == 204, reply
