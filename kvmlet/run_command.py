@@ -10,6 +10,7 @@ import time
 from typing import TYPE_CHECKING, TypeVar
 
 from kvmlet.errors import ConfigError
+from kvmlet.jsonfile import read_json_file
 
 if TYPE_CHECKING:
     from kvmlet.config import MachineConfig, VmConfig
@@ -170,8 +171,6 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
 def cpu_model_changes(spec: str, machine: MachineConfig) -> dict[str, object]:
     """``--cpu-model NAME|FILE``: a model name or model file goes to machine-config's cpu_template, a
     custom template (Firecracker's JSON) to cpu-config."""
-    import json
-    from pathlib import Path
 
     import msgspec
 
@@ -179,12 +178,7 @@ def cpu_model_changes(spec: str, machine: MachineConfig) -> dict[str, object]:
     from kvmlet.cpu.template import is_template, load_template
 
     if is_model_file(spec):
-        try:
-            data = json.loads(Path(spec).read_text())
-        except OSError as exc:
-            raise ConfigError(f"--cpu-model {spec}: {exc.strerror}") from None
-        except ValueError as exc:
-            raise ConfigError(f"--cpu-model {spec}: not JSON ({exc})") from None
+        data = read_json_file(spec, f"--cpu-model {spec}", ConfigError)
         if is_template(data):
             return {"cpu_config": load_template(spec)}
     check_cpu_template(spec)

@@ -16,6 +16,7 @@ from typing import Any
 
 from kvmlet.cpu.errors import CpuModelError
 from kvmlet.cpu.features import FEATURE_MSRS, cpuid_features, msr_features, sorted_features
+from kvmlet.jsonfile import read_json_file
 from kvmlet.kvm.cpuid import KVM_CPUID_FLAG_SIGNIFCANT_INDEX, CpuidEntry
 
 FORMAT = "kvmlet-cpu-capture"
@@ -151,12 +152,7 @@ def capture_from_json(data: object, where: str) -> HostCapture:
 
 
 def load_capture(path: str | Path) -> HostCapture:
-    try:
-        data = json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise CpuModelError(f"capture {path}: {exc.strerror}") from None
-    except ValueError as exc:
-        raise CpuModelError(f"capture {path}: not JSON ({exc})") from None
+    data = read_json_file(path, f"capture {path}", CpuModelError)
     return capture_from_json(data, str(path))
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kvmlet.errors import KvmletError
+from kvmlet.jsonfile import read_json_file
 
 if TYPE_CHECKING:
     from kvmlet.cpu.capture import HostCapture
@@ -117,12 +118,7 @@ def guest_from_spec(spec: str) -> CpuModel | HostCapture:
     from kvmlet.cpu.models import is_model_file, model_from_dict, resolve_model
 
     if is_model_file(spec):
-        try:
-            data = json.loads(Path(spec).read_text())
-        except OSError as exc:
-            raise KvmletError(f"{spec}: {exc.strerror}") from None
-        except ValueError as exc:
-            raise KvmletError(f"{spec}: not JSON ({exc})") from None
+        data = read_json_file(spec, spec)
         if is_capture(data):
             return capture_from_json(data, spec)
         return model_from_dict(data, spec)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvmlet.jsonfile import read_json_file
 from kvmlet.tpm.errors import PolicyError
 from kvmlet.tpm.measure import NO_POLICY, PCR_MAP, Measurement
 
@@ -179,12 +180,7 @@ def load_policy(path: Path, public_key_path: Path) -> LaunchPolicy:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
     trusted = load_public_key(public_key_path)
-    try:
-        document = json.loads(path.read_text())
-    except OSError as exc:
-        raise PolicyError(f"policy {path}: {exc.strerror}") from None
-    except ValueError as exc:
-        raise PolicyError(f"policy {path}: not JSON ({exc})") from None
+    document = read_json_file(path, f"policy {path}", PolicyError)
     if not isinstance(document, dict) or document.get("kvmlet_launch_policy") != FORMAT_VERSION:
         raise PolicyError(f"policy {path}: not a kvmlet launch policy (version {FORMAT_VERSION})")
     body = document.get("policy")

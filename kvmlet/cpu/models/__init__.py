@@ -11,7 +11,6 @@ A *model file* is kvmlet's JSON for a model that is not in the catalog, e.g. wha
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 from kvmlet.cpu.errors import CpuModelError
 from kvmlet.cpu.features import canonical, unknown_names
+from kvmlet.jsonfile import read_json_file
 
 INTEL = "GenuineIntel"
 AMD = "AuthenticAMD"
@@ -145,12 +145,7 @@ def model_from_dict(data: object, where: str) -> CpuModel:
 
 
 def load_model_file(path: str | Path) -> CpuModel:
-    try:
-        data = json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise CpuModelError(f"CPU model file {path}: {exc.strerror}") from None
-    except ValueError as exc:
-        raise CpuModelError(f"CPU model file {path}: not JSON ({exc})") from None
+    data = read_json_file(path, f"CPU model file {path}", CpuModelError)
     return model_from_dict(data, str(path))
 
 
