@@ -144,13 +144,6 @@ def running_switch(workdir: Path, ports: list[str], bridge: str | None, *, poll:
         yield the_switch
 
 
-def switch_pids(the_switch: Any) -> list[int]:
-    pids = getattr(the_switch, "pids", None)
-    if callable(pids):
-        return list(pids())
-    return [the_switch.pid] if getattr(the_switch, "pid", None) else []
-
-
 # ---- the paths ------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -294,7 +287,7 @@ def idle_cost(workdir: Path) -> dict[str, float]:
     for poll in policies:
         with running_switch(workdir, ["idle0"], None, poll=poll) as the_switch:
             time.sleep(1.0)   # past start-up
-            pids = switch_pids(the_switch)
+            pids = the_switch.pids()
             before = sum(process_cpu_seconds(pid) for pid in pids)
             began = time.perf_counter()
             time.sleep(IDLE_SECONDS)

@@ -141,6 +141,10 @@ class TestpmdSwitch:
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None else None
 
+    def pids(self) -> list[int]:
+        """testpmd's process ID while it runs (the same call as OvsSwitch.pids)."""
+        return [self.process.pid] if self.process is not None else []
+
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
